@@ -1,0 +1,160 @@
+"""Records of what structure discovery found: heads, GQA groups, FFN channels and coupled pairs.
+
+A :class:`Structure` is plain data. ``Structure.to_dict()`` is the JSON contract of
+``fxsparse.inspect``; :meth:`Structure.coupling_graph` gives the networkx graph whose edges are the
+coupled pairs a permutation must respect.
+
+Index convention: a producer projection (q, k, v, gate, up) owns *output rows* of its module's weight,
+a consumer projection (o, down) owns *input columns*. ``Projection.index`` lists them unit by unit
+(unit = one head of ``head_dim`` rows/columns, or one FFN channel); ``None`` means "all of the
+module's rows/columns in their natural order", the common unfused case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+__all__ = ["Projection", "Attention", "FFN", "Block", "Structure"]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One role (q, k, v, o, gate, up or down) played by (a slice of) one linear module.
+
+    >>> Projection("layers.0.attn.q_proj").indices(1, unit_size=4)
+    [4, 5, 6, 7]
+    """
+
+    path: str
+    index: tuple[int, ...] | None = None
+    conv1d: bool = False  # GPT-2 style Conv1D: weight stored as (in, out)
+
+    def indices(self, unit: int, unit_size: int = 1) -> list[int]:
+        """Rows (producers) or columns (consumers) of the module that belong to ``unit``."""
+        lo, hi = unit * unit_size, (unit + 1) * unit_size
+        if self.index is None:
+            return list(range(lo, hi))
+        return list(self.index[lo:hi])
+
+    def all_indices(self, units: int, unit_size: int = 1) -> list[int]:
+        if self.index is None:
+            return list(range(units * unit_size))
+        return list(self.index)
+
+    @property
+    def fused(self) -> bool:
+        return self.index is not None
+
+
+@dataclass(frozen=True)
+class Attention:
+    q: Projection
+    k: Projection
+    v: Projection
+    o: Projection
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per KV head (1: MHA, num_heads: MQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    def projections(self) -> dict[str, Projection]:
+        return {"q": self.q, "k": self.k, "v": self.v, "o": self.o}
+
+
+@dataclass(frozen=True)
+class FFN:
+    up: Projection
+    gate: Projection | None
+    down: Projection
+    channels: int
+    activation: str = ""
+
+    def projections(self) -> dict[str, Projection]:
+        roles = {"up": self.up, "down": self.down}
+        if self.gate is not None:
+            roles["gate"] = self.gate
+        return roles
+
+
+@dataclass(frozen=True)
+class Block:
+    index: int
+    attention: Attention | None
+    ffn: FFN | None
+
+    def projections(self) -> dict[str, Projection]:
+        """Role name -> projection, for every role this block has."""
+        roles: dict[str, Projection] = {}
+        if self.attention is not None:
+            roles.update(self.attention.projections())
+        if self.ffn is not None:
+            roles.update(self.ffn.projections())
+        return roles
+
+
+@dataclass
+class Structure:
+    """What :func:`fxsparse.inspect` returns.
+
+    >>> s = Structure(blocks=[], unrecognized=["lm_head"])
+    >>> s.to_dict()["unrecognized"]
+    ['lm_head']
+    """
+
+    blocks: list[Block]
+    unrecognized: list[str] = field(default_factory=list)
+    linear_paths: list[str] = field(default_factory=list)  # every linear-like module, in graph order
+
+    def to_dict(self) -> dict:
+        blocks = []
+        for block in self.blocks:
+            entry: dict = {"index": block.index, "attention": None, "ffn": None}
+            if block.attention is not None:
+                a = block.attention
+                entry["attention"] = {
+                    "q": a.q.path, "k": a.k.path, "v": a.v.path, "o": a.o.path,
+                    "num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim,
+                    "fused_qkv": a.q.fused or a.k.fused or a.v.fused,
+                }
+            if block.ffn is not None:
+                f = block.ffn
+                entry["ffn"] = {
+                    "up": f.up.path, "gate": f.gate.path if f.gate else None, "down": f.down.path,
+                    "channels": f.channels, "activation": f.activation,
+                    "fused_gate_up": f.up.fused,
+                }
+            blocks.append(entry)
+        return {"blocks": blocks, "unrecognized": list(self.unrecognized)}
+
+    def target_paths(self) -> list[str]:
+        """Module paths of every attention/FFN projection found (deduplicated, graph order)."""
+        seen: dict[str, None] = {}
+        for block in self.blocks:
+            for proj in block.projections().values():
+                seen.setdefault(proj.path, None)
+        return list(seen)
+
+    def coupling_graph(self) -> nx.Graph:
+        """Nodes ``(block, role)``; an edge joins two roles that must be permuted together.
+
+        Heads: q, k, v rows and o columns (q heads carry their KV group); channels: gate/up rows and
+        down columns.
+        """
+        graph = nx.Graph()
+        for block in self.blocks:
+            for role, proj in block.projections().items():
+                graph.add_node((block.index, role), path=proj.path)
+            if block.attention is not None:
+                for role in ("q", "k", "v"):
+                    graph.add_edge((block.index, role), (block.index, "o"), unit="head")
+            if block.ffn is not None:
+                for role in ("up", "gate"):
+                    if (block.index, role) in graph:
+                        graph.add_edge((block.index, role), (block.index, "down"), unit="channel")
+        return graph
