@@ -1,0 +1,103 @@
+"""fxsparse: a graph compiler for parameter- and memory-efficient training of transformer LMs.
+
+>>> import fxsparse
+>>> from fxsparse.models import tiny_model
+>>> model = fxsparse.transform(tiny_model("llama"), recipe="s2ft", ratios={"o": 0.5, "down": 0.25})
+>>> sum(p.numel() for p in fxsparse.trainable_parameters(model)) > 0
+True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from fxsparse.structure import Structure
+
+__all__ = [
+    "transform",
+    "inspect",
+    "merge",
+    "save_adapter",
+    "load_adapter",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "Structure",
+]
+
+__version__ = "0.1.0"
+
+
+def inspect(model: nn.Module, example_inputs: Any = None) -> Structure:
+    """Find attention heads, GQA groups and FFN channels of ``model`` from its captured graph.
+
+    >>> from fxsparse.models import tiny_model
+    >>> s = inspect(tiny_model("llama"))
+    >>> s.to_dict()["blocks"][0]["attention"]["num_kv_heads"]
+    2
+    """
+    from fxsparse.capture import capture
+    from fxsparse.passes.find_structure import find_structure
+
+    captured = capture(model, example_inputs)
+    return find_structure(captured)
+
+
+def transform(model: nn.Module, recipe: Any = "s2ft", example_inputs: Any = None, **options) -> nn.Module:
+    """Rewrite ``model`` in place for training with ``recipe`` (``"s2ft"``, ``"sltrain"`` or a Recipe).
+
+    Options are the recipe's config fields (see ``fxsparse.recipes.s2ft.S2FTConfig`` and
+    ``fxsparse.recipes.sltrain.SLTrainConfig``); unknown options and bad values raise ``ValueError``.
+    """
+    from fxsparse.recipes import get_recipe, make_config
+
+    handler = get_recipe(recipe)
+    config = make_config(handler.config_cls, options)
+    if getattr(model, "_fxsparse_recipe", None) is not None:
+        raise ValueError(f"model is already transformed with recipe {model._fxsparse_recipe!r}; merge it first")
+    structure = inspect(model, example_inputs)
+    model = handler.apply(model, structure, config, example_inputs)
+    model._fxsparse_recipe = handler.name
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Undo :func:`transform`: plain ``nn.Linear`` layers again, trained values folded in."""
+    from fxsparse.recipes import get_recipe
+
+    name = getattr(model, "_fxsparse_recipe", None)
+    if name is None:
+        raise ValueError("model was not transformed by fxsparse (nothing to merge)")
+    model = get_recipe(name).merge(model)
+    del model._fxsparse_recipe
+    return model
+
+
+def save_adapter(model: nn.Module, path: str | Path) -> Path:
+    """Write the selection and the trained blocks of an S²FT model (safetensors + json)."""
+    from fxsparse.adapters import save_adapter as _save
+
+    return _save(model, path)
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Apply a saved S²FT adapter onto a fresh base model of the same architecture."""
+    from fxsparse.adapters import load_adapter as _load
+
+    return _load(model, path)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that require grad, in ``model.parameters()`` order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print and return ``trainable params: N || all params: M || trainable%: P``."""
+    trainable = sum(p.numel() for p in trainable_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    print(line)
+    return line
