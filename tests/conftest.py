@@ -1,0 +1,20 @@
+"""Shared fixtures. The real SmolLM2-135M is loaded once per test session (about 20 s on CPU)."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded default model, float32, eval mode. Do not mutate the model:
+    tests that transform it take ``smollm2_copy``."""
+    from fxsparse.models import load_default_model
+
+    return load_default_model(torch.float32)
+
+
+@pytest.fixture
+def smollm2_copy(smollm2):
+    import copy
+
+    return copy.deepcopy(smollm2[0])
