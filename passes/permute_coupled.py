@@ -1,0 +1,233 @@
+"""Pass: co-permute heads and FFN channels so each selected set of units is contiguous.
+
+Permuting the heads of an attention block consistently — Q, K, V output rows and O input columns — or
+the channels of an FFN — gate/up output rows and down input columns — leaves the function unchanged.
+S²FT uses that to gather the trainable units of each projection into one contiguous range, so its
+layer reads the trainable part of the input as a slice (a view) instead of a gather.
+
+GQA: query head ``h`` attends with KV head ``h // groups``. A query head may move only within its KV
+group unless the whole group moves, so a head permutation here is "an order of KV groups, and an order
+of query heads inside each group". Any selection of KV heads (k, v) can be made contiguous; a selection
+of query heads (q, o) can when at most two KV groups are partly selected (one partial group is put
+before the fully selected groups with its selected heads last, the other after them with its selected
+heads first). Beyond that no exact permutation exists, and the layer gathers the remaining columns
+(``S2FTLinear`` handles both). :func:`plan_permutations` picks, per block, the candidate order that
+leaves the fewest non-contiguous runs.
+
+>>> from fxsparse.models import tiny_model
+>>> import fxsparse, torch
+>>> model = tiny_model("llama")
+>>> structure = fxsparse.inspect(model)
+>>> perms = {0: BlockPermutation(heads=(5, 4, 3, 2, 1, 0), kv_heads=(1, 0), channels=None)}
+>>> x = torch.arange(12).reshape(1, 12) % 96
+>>> before = model(x).logits
+>>> apply_permutations(model, structure, perms).modified
+True
+>>> torch.allclose(model(x).logits, before, atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fxsparse.passes.manager import PassResult
+from fxsparse.plan import CHANNEL_ROLES, HEAD_ROLES, KV_ROLES, ROLE_DIM, Plan, unit_size
+from fxsparse.structure import Block, Projection, Structure
+
+__all__ = ["BlockPermutation", "plan_permutations", "apply_permutations", "permuted_module_indices", "runs"]
+
+
+@dataclass(frozen=True)
+class BlockPermutation:
+    """New position ``i`` holds old unit ``perm[i]``; ``None`` leaves that kind of unit in place."""
+
+    heads: tuple[int, ...] | None = None  # query heads
+    kv_heads: tuple[int, ...] | None = None
+    channels: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if v is not None else None) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BlockPermutation:
+        return cls(**{k: (tuple(v) if v is not None else None) for k, v in data.items()})
+
+
+def runs(positions: Iterable[int]) -> int:
+    """Number of maximal contiguous runs in a set of positions (0 for an empty set)."""
+    values = sorted(positions)
+    return sum(1 for i, v in enumerate(values) if i == 0 or v != values[i - 1] + 1)
+
+
+def _inverse(perm: Sequence[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for new, old in enumerate(perm):
+        inv[old] = new
+    return inv
+
+
+def _gray_rank(bits: tuple[bool, ...]) -> int:
+    """Rank of a membership pattern in the reflected Gray order: sorting by it keeps the most significant
+    roles' members contiguous (the first two roles always, later ones with few runs)."""
+    code = 0
+    for bit in bits:
+        code = (code << 1) | int(bit)
+    rank, shift = code, 1
+    while (code >> shift) > 0:  # Gray -> binary
+        rank ^= code >> shift
+        shift += 1
+    return rank
+
+
+def _channel_order(channels: int, sets: list[set[int]]) -> tuple[int, ...] | None:
+    if not any(sets):
+        return None
+    return tuple(sorted(range(channels), key=lambda c: (_gray_rank(tuple(c in s for s in sets)), c)))
+
+
+def _head_candidates(heads: int, kv_heads: int, query_sets: list[set[int]], kv_sets: list[set[int]]):
+    """Candidate (kv order, query order) pairs for one block.
+
+    Group orders: every order when there are few KV groups (SmolLM2 has 3), else a few sorted ones;
+    inside a group, a partly selected group puts its selected heads towards its selected neighbour.
+    """
+    groups = heads // kv_heads
+    members = [list(range(j * groups, (j + 1) * groups)) for j in range(kv_heads)]
+    primary = next((s for s in query_sets if s), set())
+    counts = [sum(h in primary for h in members[j]) for j in range(kv_heads)]
+
+    def expand(order: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        query: list[int] = []
+        for pos, j in enumerate(order):
+            after = pos + 1 < len(order) and counts[order[pos + 1]] > 0
+            before = pos > 0 and counts[order[pos - 1]] > 0
+            selected_last = after or not before  # selected heads face the selected neighbour
+            query += sorted(members[j], key=lambda h: ((h in primary) == selected_last, h))
+        return tuple(order), tuple(query)
+
+    if kv_heads <= 5:
+        yield from (expand(order) for order in itertools.permutations(range(kv_heads)))
+        return
+    kv_bits = [tuple(j in s for s in kv_sets) for j in range(kv_heads)]
+    keys = [
+        lambda j: (_gray_rank(kv_bits[j]), counts[j], j),
+        lambda j: (_gray_rank((counts[j] > 0, *kv_bits[j])), counts[j], j),
+        lambda j: (_gray_rank((counts[j] == groups, counts[j] > 0, *kv_bits[j])), j),
+        lambda j: j,
+    ]
+    for key in keys:
+        yield expand(sorted(range(kv_heads), key=key))
+
+
+def _score(perm: Sequence[int], sets: list[set[int]]) -> int:
+    inv = _inverse(perm)
+    return sum(max(runs(inv[u] for u in s) - 1, 0) for s in sets)
+
+
+def plan_permutations(structure: Structure, plan: Plan) -> dict[int, BlockPermutation]:
+    """One :class:`BlockPermutation` per block with selected units (see the module docstring)."""
+    plan.check_structure(structure)
+    result: dict[int, BlockPermutation] = {}
+    for block in structure.blocks:
+        selected = plan.units.get(block.index, {})
+        if not selected:
+            continue
+        heads = kv = channels = None
+        if block.attention is not None and any(r in selected for r in HEAD_ROLES + KV_ROLES):
+            a = block.attention
+            query_sets = [set(selected.get(r, [])) for r in ("o", "q")]
+            kv_sets = [set(selected.get(r, [])) for r in ("v", "k")]
+            best = None
+            for kv_order, query_order in _head_candidates(a.num_heads, a.num_kv_heads, query_sets, kv_sets):
+                score = _score(query_order, query_sets) + _score(kv_order, kv_sets)
+                if best is None or score < best[0]:
+                    best = (score, kv_order, query_order)
+            _, kv, heads = best
+            groups = a.kv_groups
+            assert all(heads[i] // groups == kv[i // groups] for i in range(a.num_heads)), "GQA order broken"
+        if block.ffn is not None and any(r in selected for r in CHANNEL_ROLES):
+            sets = [set(selected.get(r, [])) for r in ("down", "up", "gate")]
+            channels = _channel_order(block.ffn.channels, sets)
+        result[block.index] = BlockPermutation(heads=heads, kv_heads=kv, channels=channels)
+    return result
+
+
+def _role_perm(perm: BlockPermutation, role: str) -> tuple[int, ...] | None:
+    if role in HEAD_ROLES:
+        return perm.heads
+    if role in KV_ROLES:
+        return perm.kv_heads
+    return perm.channels
+
+
+def _dense_view(module: nn.Module, conv1d: bool) -> torch.Tensor:
+    """The (out, in) view of a Linear's or Conv1D's weight (writes go through to the module)."""
+    return module.weight.data.t() if conv1d else module.weight.data
+
+
+@torch.no_grad()
+def _permute_projection(module: nn.Module, proj: Projection, role: str, perm: Sequence[int], size: int):
+    positions = proj.all_indices(len(perm), size)
+    weight = _dense_view(module, proj.conv1d)
+    dim = ROLE_DIM[role]
+    # One full-length gather per tensor (identity outside this role's rows/columns) is far faster
+    # than advanced-index assignment on a strided view.
+    order = torch.arange(weight.shape[dim])
+    order[torch.tensor(positions)] = torch.tensor([positions[old * size + d] for old in perm for d in range(size)])
+    order = order.to(weight.device)
+    weight.copy_(weight.index_select(dim, order))
+    bias = getattr(module, "bias", None)
+    if dim == 0 and bias is not None:
+        bias.data.copy_(bias.data.index_select(0, order))
+
+
+def apply_permutations(model: nn.Module, structure: Structure, perms: dict[int, BlockPermutation],
+                       inverse: bool = False) -> PassResult:
+    """Fold ``perms`` into the weights of ``model`` in place (``inverse=True`` undoes them)."""
+    by_index = {block.index: block for block in structure.blocks}
+    moved = 0
+    for b, perm in perms.items():
+        block = by_index[b]
+        for role, proj in block.projections().items():
+            order = _role_perm(perm, role)
+            if order is None:
+                continue
+            if inverse:
+                order = _inverse(order)
+            _permute_projection(model.get_submodule(proj.path), proj, role, order, unit_size(block, role))
+            moved += 1
+    return PassResult(modified=moved > 0, info=f"permuted {moved} projections in {len(perms)} blocks")
+
+
+def permuted_module_indices(structure: Structure, plan: Plan, perms: dict[int, BlockPermutation]):
+    """``{(block, role): (path, dim, rows)}`` of the selected units *after* the permutation.
+
+    Also returns, per entry, the original row/column each new position came from (same order), which
+    adapters use to store blocks in the model's original numbering.
+    """
+    by_index = {block.index: block for block in structure.blocks}
+    result = {}
+    for b, roles in plan.units.items():
+        block: Block = by_index[b]
+        for role, units in roles.items():
+            proj = block.projections()[role]
+            size = unit_size(block, role)
+            order = _role_perm(perms.get(b, BlockPermutation()), role)
+            if order is None:
+                order = list(range(max(units) + 1))  # not permuted: new position == old unit
+            inv = _inverse(order)
+            new_units = sorted(inv[u] for u in units)
+            rows = [proj.indices(u, size) for u in new_units]
+            origin = [proj.indices(order[u], size) for u in new_units]
+            flat = list(itertools.chain.from_iterable(rows))
+            flat_origin = list(itertools.chain.from_iterable(origin))
+            ordering = sorted(range(len(flat)), key=flat.__getitem__)
+            result[(b, role)] = (proj.path, ROLE_DIM[role], [flat[i] for i in ordering],
+                                 [flat_origin[i] for i in ordering])
+    return result
