@@ -45,7 +45,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors, modules = {}, {}
-    for module_path, (dim, rows, origin) in state.replaced.items():
+    for module_path, (dim, _rows, origin) in state.replaced.items():
         layer = model.get_submodule(module_path)
         block = layer.block.detach()
         order = sorted(range(len(origin)), key=origin.__getitem__)  # original numbering, ascending
@@ -99,7 +99,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         raise ValueError(f"adapter modules {sorted(meta['modules'])} do not match the model's "
                          f"{sorted(state.replaced)}")
     with torch.no_grad():
-        for module_path, (dim, rows, origin) in state.replaced.items():
+        for module_path, (dim, _rows, origin) in state.replaced.items():
             info, saved = meta["modules"][module_path], tensors[module_path]
             layer = model.get_submodule(module_path)
             if info["dim"] != dim or info["index"] != sorted(origin) or list(saved.shape) != list(layer.block.shape):

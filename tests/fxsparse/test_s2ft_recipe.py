@@ -51,7 +51,7 @@ def test_block_gradients_equal_dense_gradients_float64(arch):
     dense(x, labels=x).loss.backward()
     sparse(x, labels=x).loss.backward()
     state = sparse._fxsparse_s2ft
-    for path, (dim, rows, origin) in state.replaced.items():
+    for path, (dim, _rows, origin) in state.replaced.items():
         grad = dense.get_submodule(path).weight.grad
         if type(dense.get_submodule(path)).__name__ == "Conv1D":
             grad = grad.t()
