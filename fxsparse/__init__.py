@@ -98,6 +98,7 @@ def print_trainable_parameters(model: nn.Module) -> str:
     """Print and return ``trainable params: N || all params: M || trainable%: P``."""
     trainable = sum(p.numel() for p in trainable_parameters(model))
     total = sum(p.numel() for p in model.parameters())
-    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    share = 100 * trainable / max(total, 1)
+    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}"
     print(line)
     return line

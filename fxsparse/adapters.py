@@ -146,7 +146,8 @@ class AdapterSwitcher:
             weight = module.weight.data.t() if conv1d else module.weight.data
             dim = info["dim"]
             index = torch.tensor(info["index"], device=weight.device)
-            if weight.shape[dim] <= int(index.max()) or list(tensors[module_path].shape)[1 - dim] != weight.shape[1 - dim]:
+            block_shape = list(tensors[module_path].shape)
+            if weight.shape[dim] <= int(index.max()) or block_shape[1 - dim] != weight.shape[1 - dim]:
                 raise ValueError(f"adapter block {module_path} does not fit weight of shape {list(weight.shape)}")
             self._saved[module_path] = (dim, index, weight.index_select(dim, index).clone())
             weight.index_copy_(dim, index, tensors[module_path].to(weight.device, weight.dtype))

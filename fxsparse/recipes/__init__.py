@@ -20,7 +20,11 @@ from typing import Any
 __all__ = ["register_recipe", "get_recipe", "available_recipes", "make_config"]
 
 _RECIPES: dict[str, Any] = {}
-_BUILTIN = {"s2ft": "fxsparse.recipes.s2ft", "sltrain": "fxsparse.recipes.sltrain", "lowrank": "fxsparse.recipes.sltrain"}
+_BUILTIN = {
+    "s2ft": "fxsparse.recipes.s2ft",
+    "sltrain": "fxsparse.recipes.sltrain",
+    "lowrank": "fxsparse.recipes.sltrain",
+}
 
 
 def register_recipe(recipe: Any) -> Any:
