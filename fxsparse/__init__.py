@@ -96,8 +96,12 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def print_trainable_parameters(model: nn.Module) -> str:
     """Print and return ``trainable params: N || all params: M || trainable%: P``."""
+    from fxsparse.layers.s2ft import S2FTLinear
+
     trainable = sum(p.numel() for p in trainable_parameters(model))
     total = sum(p.numel() for p in model.parameters())
+    # an S2FT block stands in for zeroed entries of its frozen weight: count those entries once
+    total -= sum(m.block.numel() for m in model.modules() if isinstance(m, S2FTLinear))
     share = 100 * trainable / max(total, 1)
     line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}"
     print(line)

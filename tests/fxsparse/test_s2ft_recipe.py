@@ -175,3 +175,14 @@ def test_smollm2_transform_is_exact_and_tiny(smollm2_copy):
     trainable = sum(p.numel() for p in fxsparse.trainable_parameters(model))
     # 14 of 270 query heads (64 x 576 each) and 922 of 46080 channels (576 each)
     assert trainable == 14 * 64 * 576 + 922 * 576
+
+
+def test_print_trainable_parameters_counts_the_model_once(capsys):
+    model = tiny_model("llama")
+    total = sum(p.numel() for p in model.parameters())
+    fxsparse.transform(model, "s2ft", ratios={"o": 0.5, "down": 0.25})
+    line = fxsparse.print_trainable_parameters(model)
+    trainable = sum(p.numel() for p in fxsparse.trainable_parameters(model))
+    assert line == (f"trainable params: {trainable:,} || all params: {total:,} || "
+                    f"trainable%: {100 * trainable / total:.4f}")
+    assert capsys.readouterr().out.strip() == line
