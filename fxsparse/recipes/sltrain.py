@@ -26,9 +26,11 @@ attention projection):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from fxsparse.layers.sltrain import SUPPORTS, SLTrainLinear
@@ -175,10 +177,28 @@ class SLTrainRecipe:
 
 
 class LowRankRecipe(SLTrainRecipe):
-    """``recipe="lowrank"``: the low-rank-only baseline (rank-r factors, no sparse part)."""
+    """``recipe="lowrank"``: the low-rank-only baseline (rank-r factors, no sparse part).
+
+    Unlike SLTrain, ``B`` starts random too (Kaiming-uniform, like ``A``). With ``B = 0`` and no sparse
+    part every attention and FFN output is exactly zero, and so is every gradient reaching the blocks
+    (o and down see zero inputs, v/up get nothing through a zero o/down): a from-scratch model would
+    never train its blocks. With both factors Kaiming-uniform the product's entries have std
+    ``scale / (3 sqrt(in))``, about 0.03 at in=128 and scale 1, close to LLaMA's dense init (0.02).
+    """
 
     name = "lowrank"
     config_cls = LowRankConfig
+
+    def apply(self, model: nn.Module, structure: Structure, config: Any, example_inputs: Any = None) -> nn.Module:
+        super().apply(model, structure, config, example_inputs)
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, SLTrainLinear):
+                    fresh = torch.empty(module.B.shape, dtype=torch.float32)
+                    nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+                    module.B.copy_(fresh)
+        return model
 
 
 register_recipe(SLTrainRecipe())

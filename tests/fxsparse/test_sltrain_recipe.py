@@ -225,3 +225,17 @@ def test_trained_model_gradients_reach_every_parameter():
     model(ids, labels=ids).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
     assert not missing
+
+
+def test_lowrank_from_scratch_is_not_a_dead_start():
+    """B = 0 with no sparse part would zero every block's output and gradient; lowrank draws B at random."""
+    from fxsparse.layers.sltrain import SLTrainLinear
+
+    model = fxsparse.transform(tiny_model("llama"), "lowrank", rank=4, seed=0)
+    x = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(x, labels=x).loss.backward()
+    layers = [m for m in model.modules() if isinstance(m, SLTrainLinear)]
+    assert layers and all(m.B.abs().sum() > 0 for m in layers)
+    assert all(m.A.grad is not None and m.A.grad.abs().sum() > 0 for m in layers)
+    again = fxsparse.transform(tiny_model("llama"), "lowrank", rank=4, seed=0)
+    assert all(torch.equal(a.B, b.B) for a, b in zip(layers, [m for m in again.modules() if isinstance(m, SLTrainLinear)]))

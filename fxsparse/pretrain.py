@@ -1,0 +1,580 @@
+"""Pre-training from scratch: LLaMA presets, a resumable training loop and the ``fxsparse pretrain`` command.
+
+A model of a preset size (or a JSON config) is built with random weights, optionally re-parameterised
+with SLTrain (``W = B @ A * alpha / r + S``, sparse ``S`` on a fixed random or block support) or with a
+low-rank-only baseline, and trained on a text corpus tokenised with the SmolLM2 tokenizer: AdamW, cosine
+schedule with linear warm-up, gradient accumulation, fp32 or bf16 autocast, periodic held-out
+perplexity, and checkpoints that resume exactly (model, optimizer, scheduler, RNG and data position).
+The low-rank-only baseline gets a random ``B`` as well as ``A`` (see :func:`apply_recipe`): from
+scratch, ``B = 0`` with no sparse part is a saddle where no block ever receives a gradient.
+
+Preset names follow the papers (GaLore, SLTrain), which count parameters with LLaMA's 32 000-token
+vocabulary and untied input/output embeddings; with SmolLM2's 49 152 tokens each model is larger by
+``2 * 17 152 * hidden`` embedding parameters. The 60M...1B rows are the papers' table; 9M, 20M and 35M
+are ours, chosen to land near their names under the same convention:
+
+======  ======  =====  ======  =====
+preset  hidden  FFN    layers  heads
+======  ======  =====  ======  =====
+9m      128     352    4       4
+20m     256     688    4       4
+35m     384     1024   6       6
+60m     512     1376   8       8
+130m    768     2048   12      12
+350m    1024    2736   24      16
+1b      2048    5461   24      32
+======  ======  =====  ======  =====
+
+>>> PRESETS["60m"].param_count(vocab_size=32000) // 10**6
+58
+>>> import argparse
+>>> parser = argparse.ArgumentParser(); sub = parser.add_subparsers()
+>>> add_parser(sub).parse_args(["--preset", "9m", "--recipe", "dense"]).recipe
+'dense'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "Preset",
+    "PRESETS",
+    "RECIPES",
+    "TrainBatches",
+    "build_model",
+    "apply_recipe",
+    "recipe_options",
+    "parse_args",
+    "preset_from_config",
+    "cosine_with_warmup",
+    "evaluate",
+    "accumulate_gradients",
+    "add_parser",
+    "run",
+]
+
+RECIPES = ("sltrain", "lowrank", "dense")
+_CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Size of a LLaMA decoder: hidden width, FFN width, blocks and attention heads (plain MHA).
+
+    >>> Preset("x", 64, 160, 2, 4).head_dim
+    16
+    """
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+
+    def __post_init__(self) -> None:
+        for field in ("hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"preset {self.name!r}: {field} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"preset {self.name!r}: hidden_size {self.hidden_size} is not divisible by "
+                f"num_heads {self.num_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def param_count(self, vocab_size: int) -> int:
+        """Parameters of the dense model: untied embeddings, 4 attention + 3 FFN linears, 2 norms a block."""
+        h, f = self.hidden_size, self.intermediate_size
+        block = 4 * h * h + 3 * h * f + 2 * h
+        return 2 * vocab_size * h + self.num_layers * block + h
+
+    def llama_config(self, vocab_size: int, max_positions: int, eos_token_id: int | None = None):
+        """The transformers ``LlamaConfig`` of this size."""
+        from transformers import LlamaConfig
+
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+            eos_token_id=eos_token_id,
+            bos_token_id=None,
+            pad_token_id=None,
+        )
+        config._attn_implementation = "sdpa"
+        return config
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("9m", 128, 352, 4, 4),
+        Preset("20m", 256, 688, 4, 4),
+        Preset("35m", 384, 1024, 6, 6),
+        Preset("60m", 512, 1376, 8, 8),
+        Preset("130m", 768, 2048, 12, 12),
+        Preset("350m", 1024, 2736, 24, 16),
+        Preset("1b", 2048, 5461, 24, 32),
+    )
+}
+
+
+def preset_from_config(path: str | Path) -> Preset:
+    """A :class:`Preset` from a JSON file with ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``
+    (or ``num_layers``) and ``num_attention_heads`` (or ``num_heads``); a LLaMA ``config.json`` works.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read model config {str(path)!r}: {err}") from None
+    aliases = {
+        "hidden_size": ("hidden_size",),
+        "intermediate_size": ("intermediate_size",),
+        "num_layers": ("num_layers", "num_hidden_layers"),
+        "num_heads": ("num_heads", "num_attention_heads"),
+    }
+    values: dict[str, Any] = {}
+    for field, names in aliases.items():
+        found = [data[n] for n in names if n in data]
+        if not found:
+            raise ValueError(f"model config {str(path)!r} lacks {' or '.join(names)}")
+        values[field] = found[0]
+    kv_heads = data.get("num_key_value_heads")
+    if kv_heads not in (None, values["num_heads"]):
+        raise ValueError(f"model config {str(path)!r}: num_key_value_heads={kv_heads} (only plain MHA is built)")
+    return Preset(name=data.get("name", path.stem), **values)
+
+
+def build_model(preset: Preset, vocab_size: int, max_positions: int, seed: int,
+                eos_token_id: int | None = None) -> nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` of size ``preset``, float32, train mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(preset.llama_config(vocab_size, max_positions, eos_token_id))
+    return model.train()
+
+
+def apply_recipe(model: nn.Module, recipe: str, options: dict[str, Any]) -> nn.Module:
+    """``dense``: unchanged; ``sltrain`` / ``lowrank``: :func:`fxsparse.transform` with ``options``.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown pre-training recipe {recipe!r}; choose one of {list(RECIPES)}")
+    if recipe == "dense":
+        return model
+    import fxsparse
+
+    model = fxsparse.transform(model, recipe=recipe, **options)
+    return model.train()
+
+
+def recipe_options(args: argparse.Namespace, preset: Preset) -> dict[str, Any]:
+    """The ``fxsparse.transform`` options for ``args.recipe``.
+
+    Rank defaults to hidden/4 (the paper: 128 at 60M, 256 at 350M, 512 at 1B); alpha, when not given, is
+    left to the recipe's rule (32 below width 1024, else 16).
+    """
+    if args.recipe == "dense":
+        return {}
+    rank = args.rank if args.rank is not None else max(1, preset.hidden_size // 4)
+    options: dict[str, Any] = {"rank": rank, "seed": args.seed}
+    if args.alpha is not None:
+        options["alpha"] = args.alpha
+    if args.recipe == "sltrain":
+        options.update(sparsity=args.sparsity, support=args.support)
+        if args.block_size is not None:
+            options["block_size"] = args.block_size
+    return options
+
+
+def cosine_with_warmup(warmup: int, total: int, min_ratio: float = 0.1):
+    """LR multiplier: linear from 1/warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio``.
+
+    >>> f = cosine_with_warmup(10, 110)
+    >>> f(0), f(9), round(f(60), 3), round(f(110), 3)
+    (0.1, 1.0, 0.55, 0.1)
+    """
+    if warmup < 0 or total < 1:
+        raise ValueError(f"need warmup >= 0 and total >= 1, got warmup={warmup}, total={total}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class TrainBatches:
+    """Micro-batches of packed training sequences in a seeded order per epoch; the position is the state.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so ``state_dict()`` = (epoch, cursor) is all a
+    checkpoint needs to continue with exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, sequences: torch.Tensor, batch_size: int, seed: int):
+        if batch_size > len(sequences):
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(sequences)} training sequences")
+        self.sequences, self.batch_size, self.seed = sequences, batch_size, seed
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.sequences), generator=generator)
+
+    def next(self) -> torch.Tensor:
+        if self.cursor + self.batch_size > len(self.sequences):
+            # drop the ragged tail so every micro-batch has the same shape and token count
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        rows = self._order[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return self.sequences[rows]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._permutation(self.epoch)
+
+
+def _eval_batches(sequences: torch.Tensor, batch_size: int, max_batches: int) -> Iterator[torch.Tensor]:
+    for index in range(min(max_batches, len(sequences) // batch_size) if max_batches > 0 else 0):
+        yield sequences[index * batch_size : (index + 1) * batch_size]
+
+
+def _autocast(dtype: str):
+    return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
+                          enabled=dtype == "bf16")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, sequences: torch.Tensor, batch_size: int, max_batches: int,
+             dtype: str = "fp32") -> float:
+    """Mean next-token loss over the first ``max_batches`` held-out micro-batches (0 or fewer: all)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    if max_batches <= 0:
+        max_batches = len(sequences) // batch_size
+    total, count = 0.0, 0
+    for batch in _eval_batches(sequences, batch_size, max_batches):
+        batch = batch.to(device)
+        with _autocast(dtype):
+            loss = model(input_ids=batch, labels=batch).loss
+        # every sequence has the same length, so the mean of batch means is the token mean
+        total += float(loss)
+        count += 1
+    model.train(was_training)
+    if count == 0:
+        raise ValueError(f"held-out split has {len(sequences)} sequences, fewer than one batch of {batch_size}")
+    return total / count
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], dtype: str = "fp32") -> float:
+    """Forward/backward each micro-batch, loss scaled by 1/len so ``.grad`` is the whole batch's mean gradient.
+
+    Returns the mean loss. Equal-length micro-batches make this the gradient of one big batch.
+    """
+    total = 0.0
+    for batch in micro_batches:
+        with _autocast(dtype):
+            loss = model(input_ids=batch, labels=batch).loss / len(micro_batches)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plot(metrics: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    history = metrics["history"]
+    ax_loss.plot([h["step"] for h in history], [h["train_loss"] for h in history], lw=0.8, label="train")
+    evals = metrics["evals"]
+    ax_loss.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="held-out")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_ppl.plot([e["step"] for e in evals], [e["val_ppl"] for e in evals], "o-")
+    ax_ppl.set_yscale("log")
+    ax_ppl.set_xlabel("step")
+    ax_ppl.set_ylabel("held-out perplexity")
+    fig.suptitle(f"{metrics['config']['preset']} / {metrics['config']['recipe']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _load_tokenizer(name: str):
+    if name == "bytes":
+        from fxsparse.corpus import ByteTokenizer
+
+        return ByteTokenizer()
+    if name != "smollm2":
+        raise ValueError(f"unknown tokenizer {name!r}; choose 'smollm2' or 'bytes'")
+    from transformers import AutoTokenizer
+
+    from fxsparse.models import GGUF_FILE, default_model_dir
+
+    return AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=GGUF_FILE)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``pretrain`` subcommand to ``subparsers``; returns its parser (``run`` is its handler)."""
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pre-train a LLaMA from scratch with SLTrain, low-rank or dense weights",
+        description=__doc__.split("\n\n")[0],
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--preset", default="60m", help=f"model size: {', '.join(PRESETS)} (default 60m)")
+    size.add_argument("--config", help="JSON file with hidden_size, intermediate_size, num_hidden_layers, "
+                                       "num_attention_heads (instead of --preset)")
+    p.add_argument("--recipe", default="sltrain", choices=RECIPES)
+    p.add_argument("--rank", type=int, default=None, help="low-rank factor rank (default hidden/4)")
+    p.add_argument("--sparsity", type=float, default=0.03, help="SLTrain: density of the sparse part")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="low-rank scale is alpha/rank (default: 32 below hidden 1024, else 16)")
+    p.add_argument("--support", default="random", choices=("random", "block"), help="SLTrain sparse support")
+    p.add_argument("--block-size", type=int, default=None, help="SLTrain block support: block edge")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="text files or folders (default: the Python docs of Debian's python3.11-doc)")
+    p.add_argument("--tokenizer", default="smollm2", help="smollm2 (default) or bytes (a stand-in for tests)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of tokens, whole documents")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10%% of --steps)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast, fp32 weights")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=20, help="held-out micro-batches per evaluation")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop (with a checkpoint) after this step, as if interrupted; the schedule still "
+                        "runs to --steps")
+    p.add_argument("--out", default="runs/pretrain", help="folder for metrics.json, curves.png, checkpoint.pt")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from OUT/checkpoint.pt (or the given checkpoint file)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def _validate(args: argparse.Namespace) -> None:
+    positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_every")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.warmup is not None and not 0 <= args.warmup <= args.steps:
+        raise ValueError(f"--warmup must be in [0, --steps={args.steps}], got {args.warmup}")
+    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
+        raise ValueError(f"--stop-at must be in [1, --steps={args.steps}], got {args.stop_at}")
+    if args.rank is not None and args.rank < 1:
+        raise ValueError(f"--rank must be at least 1, got {args.rank}")
+
+
+# Settings that must match between a checkpoint and the run resuming it (anything else may change).
+_RESUME_KEYS = ("preset", "model", "recipe", "recipe_options", "seq_len", "batch_size", "grad_accum", "steps",
+                "lr", "warmup", "min_lr_ratio", "weight_decay", "clip", "dtype", "seed", "corpus_key",
+                "val_fraction")
+
+
+def run(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
+    """Train as ``args`` says; write ``metrics.json``, ``curves.png`` and ``checkpoint.pt`` under ``args.out``.
+
+    ``tokenizer`` overrides ``--tokenizer`` (tests pass a stand-in). Returns the metrics dict.
+    """
+    from tqdm.auto import tqdm
+
+    from fxsparse.corpus import load_corpus, pack_sequences, split_documents
+
+    _validate(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.config:
+        preset = preset_from_config(args.config)
+    elif args.preset in PRESETS:
+        preset = PRESETS[args.preset]
+    else:
+        raise ValueError(f"unknown preset {args.preset!r}; choose one of {list(PRESETS)} or give --config")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(args.tokenizer)
+    corpus = load_corpus(args.data, tokenizer)
+    train_ids, val_ids = split_documents(corpus, args.val_fraction, seed=0)
+    train_seqs = pack_sequences(train_ids, args.seq_len)
+    val_seqs = pack_sequences(val_ids, args.seq_len)
+    batches = TrainBatches(train_seqs, args.batch_size, args.seed)
+
+    options = recipe_options(args, preset)
+    model = build_model(preset, len(tokenizer), args.seq_len, args.seed, tokenizer.eos_token_id)
+    model = apply_recipe(model, args.recipe, options)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = args.warmup if args.warmup is not None else args.steps // 10
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup, args.steps,
+                                                                                 args.min_lr_ratio))
+    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len
+    embedding_params = sum(m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings()))
+    total_params = sum(p.numel() for p in model.parameters())
+    config = {
+        "preset": preset.name, "model": asdict(preset), "recipe": args.recipe, "recipe_options": options,
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+        "steps": args.steps, "lr": args.lr, "warmup": warmup, "min_lr_ratio": args.min_lr_ratio,
+        "weight_decay": args.weight_decay, "clip": args.clip, "dtype": args.dtype, "seed": args.seed,
+        "corpus_key": corpus.key, "val_fraction": args.val_fraction, "vocab_size": len(tokenizer),
+    }
+    metrics: dict[str, Any] = {
+        "config": config,
+        "corpus": {"documents": corpus.num_documents, "tokens": corpus.num_tokens,
+                   "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
+                   "train_sequences": len(train_seqs), "val_sequences": len(val_seqs)},
+        "params_total": total_params,
+        "params_trainable": sum(p.numel() for p in params),
+        "params_non_embedding": total_params - embedding_params,
+        "tokens_per_step": tokens_per_step,
+        "history": [], "evals": [], "wall_time_s": 0.0,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+    }
+
+    checkpoint_path = out / "checkpoint.pt"
+    start_step = 0
+    if args.resume:
+        source = checkpoint_path if args.resume == "auto" else Path(args.resume)
+        if not source.exists():
+            raise ValueError(f"--resume: checkpoint {str(source)!r} does not exist")
+        state = torch.load(source, map_location=device, weights_only=False)
+        for key in _RESUME_KEYS:
+            if state["metrics"]["config"].get(key) != config[key]:
+                raise ValueError(f"--resume: {key} differs from the checkpoint's "
+                                 f"({config[key]!r} now, {state['metrics']['config'].get(key)!r} there)")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        batches.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        start_step = state["step"]
+        for key in ("history", "evals", "wall_time_s"):
+            metrics[key] = state["metrics"][key]
+
+    def save_checkpoint(step: int) -> None:
+        state = {"version": _CHECKPOINT_VERSION, "step": step, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "data": batches.state_dict(), "rng": _rng_state(), "metrics": metrics}
+        partial = checkpoint_path.with_suffix(".pt.part")
+        torch.save(state, partial)
+        partial.replace(checkpoint_path)  # atomic: a run killed while saving keeps the previous checkpoint
+
+    stop = args.stop_at if args.stop_at is not None else args.steps
+    model.train()
+    clock = time.perf_counter()
+    wall_before = metrics["wall_time_s"]
+    bar = tqdm(total=args.steps, initial=start_step, desc=f"{preset.name}/{args.recipe}", unit="step",
+               disable=args.no_progress, dynamic_ncols=True)
+    for step in range(start_step, stop):
+        micro_batches = [batches.next().to(device) for _ in range(args.grad_accum)]
+        step_loss = accumulate_gradients(model, micro_batches, args.dtype)
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        metrics["wall_time_s"] = wall_before + time.perf_counter() - clock
+        metrics["history"].append({"step": done, "tokens": done * tokens_per_step, "train_loss": step_loss,
+                                   "lr": lr, "wall_time_s": metrics["wall_time_s"]})
+        postfix = {"loss": f"{step_loss:.3f}"}
+        if done % args.eval_every == 0 or done == args.steps:
+            val_loss = evaluate(model, val_seqs, args.batch_size, args.eval_batches, args.dtype)
+            metrics["evals"].append({"step": done, "tokens": done * tokens_per_step, "val_loss": val_loss,
+                                     "val_ppl": math.exp(val_loss)})
+            postfix["val_ppl"] = f"{math.exp(val_loss):.1f}"
+        bar.set_postfix(postfix)
+        bar.update(1)
+        if args.save_every and done % args.save_every == 0 and done != stop:
+            save_checkpoint(done)
+    bar.close()
+    final_step = max(stop, start_step)
+    metrics["steps_done"] = final_step
+    metrics["tokens_seen"] = final_step * tokens_per_step
+    metrics["wall_time_s"] = wall_before + time.perf_counter() - clock
+    if metrics["evals"]:
+        metrics["final_val_loss"] = metrics["evals"][-1]["val_loss"]
+        metrics["final_val_ppl"] = metrics["evals"][-1]["val_ppl"]
+    save_checkpoint(final_step)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if metrics["history"]:
+        _plot(metrics, out / "curves.png")
+    return metrics
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``fxsparse pretrain ARGV`` parsed into the namespace :func:`run` takes (for scripts and tests)."""
+    parser = argparse.ArgumentParser(prog="fxsparse")
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["pretrain", *argv])
+
+
+if __name__ == "__main__":
+    import sys
+
+    run(parse_args(sys.argv[1:]))
