@@ -32,13 +32,12 @@ import argparse
 import copy
 import csv
 import datetime
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from _env import cpu_name, git_rev, load_average
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -154,30 +153,6 @@ class Runner:
         return sum(storages.values()), counter.get_total_flops()
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load_avg() -> float:
-    """1-minute load average: other processes on a shared machine stretch wall times."""
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
-def _git_rev() -> str:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent)
-    return proc.stdout.strip() or "unknown"
-
-
 def run(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -208,7 +183,7 @@ def run(args) -> list[dict]:
     for _ in range(args.warmup):
         for runner in runners:
             runner.step(batch)
-    load_before = _load_avg()
+    load_before = load_average()
     for i in range(args.repeats):
         for runner in runners:
             wall, cpu = runner.step(batch)
@@ -221,9 +196,9 @@ def run(args) -> list[dict]:
     cpu = {r.name: statistics.median(r.cpu_times) for r in runners}
     fastest = {r.name: min(r.times) for r in runners}
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    common = {"date": date, "device": _cpu_name(), "git_rev": _git_rev(), "torch": torch.__version__,
+    common = {"date": date, "device": cpu_name(), "git_rev": git_rev(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "model": model_name, "batch": args.batch, "seq": args.seq,
-              "repeats": args.repeats, "load_avg": f"{load_before:.1f}-{_load_avg():.1f}"}
+              "repeats": args.repeats, "load_avg": f"{load_before:.1f}-{load_average():.1f}"}
     rows = []
     for runner in runners:
         name = runner.name

@@ -29,13 +29,12 @@ import copy
 import csv
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from _env import cpu_name, git_rev
 from torch import nn
 
 from fxsparse.layers.sltrain import SLTrainLinear
@@ -85,25 +84,6 @@ class RebuildSLTrainLinear(nn.Module):
 
     def forward(self, x):
         return _RebuildFn.apply(x, self.A, self.B, self.values, self.bias, self.flat_index, self.scale)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _git_rev() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def build_block(hidden: int, ffn: int, heads: int, seed: int = 0):
@@ -207,7 +187,7 @@ def main() -> None:
     dense_params = sum(p.numel() for p in dense.parameters())
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "device": _cpu_name(), "git_rev": _git_rev(), "torch": torch.__version__,
+        "device": cpu_name(), "git_rev": git_rev(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "clock": args.clock,
         # other processes on a shared 2-core machine slow multi-threaded ops unevenly: keep the load on record
         "load_avg": f"{os.getloadavg()[0]:.1f}",

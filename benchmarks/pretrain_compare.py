@@ -27,12 +27,10 @@ import csv
 import datetime as dt
 import json
 import math
-import platform
 import shutil
-import subprocess
 from pathlib import Path
 
-import torch
+from _env import device_name, git_rev
 
 from fxsparse.pretrain import PRESETS, parse_args, run
 
@@ -47,30 +45,6 @@ FIELDS = ["run_id", "device", "threads", "date", "git_rev", "recipe", "preset", 
           "lr", "params_total", "params_trainable", "params_non_embedding", "steps", "tokens", "final_val_loss",
           "final_val_ppl", "wall_time_s"]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def _device() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{_cpu_name()} (CPU)"
 
 
 def _parse() -> argparse.Namespace:
@@ -128,8 +102,8 @@ def _run_dir(args: argparse.Namespace) -> Path:
 def _row(run_id: str, label: str, metrics: dict) -> dict:
     options = metrics["config"]["recipe_options"]
     return {
-        "run_id": run_id, "device": metrics.get("device_name", _device()), "threads": metrics["threads"],
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "git_rev": _git_rev(),
+        "run_id": run_id, "device": metrics.get("device_name", device_name()), "threads": metrics["threads"],
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "git_rev": git_rev(),
         "recipe": label, "preset": metrics["config"]["preset"], "rank": options.get("rank", ""),
         "sparsity": options.get("sparsity", ""), "alpha": options.get("alpha", ""), "lr": metrics["config"]["lr"],
         "params_total": metrics["params_total"], "params_trainable": metrics["params_trainable"],
@@ -263,7 +237,7 @@ def main() -> None:
     rows = []
     for label in args.recipes:
         metrics = _train(args, label, tokenizer)
-        metrics["device_name"] = _device()
+        metrics["device_name"] = device_name()
         copy = results / f"pretrain_compare_{run_id}_{label}.json"
         shutil.copyfile(_run_dir(args) / label / "metrics.json", copy)
         rows.append(_row(run_id, label, metrics))

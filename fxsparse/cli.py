@@ -82,6 +82,7 @@ def _bench(args) -> dict:
     if not script.exists():
         raise SystemExit(f"benchmark script {script.name} not found: run `fxsparse bench` from a source checkout")
     sys.argv = [str(script), *args.rest]
+    sys.path.insert(0, str(folder))  # the scripts share benchmarks/_env.py
     runpy.run_path(str(script), run_name="__main__")
     return {}
 
