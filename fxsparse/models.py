@@ -122,12 +122,14 @@ def _tiny_kwargs() -> dict[str, tuple[str, dict]]:
         "gemma": ("GemmaConfig", dict(common, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=1, head_dim=16)),
         "phi3": ("Phi3Config", dict(common, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                    num_attention_heads=6, num_key_value_heads=2, pad_token_id=0)),
+                                    num_attention_heads=6, num_key_value_heads=2, pad_token_id=0,
+                                    bos_token_id=1, eos_token_id=2)),
         "gpt_neox": ("GPTNeoXConfig", dict(common, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                                            num_attention_heads=6)),
         "opt": ("OPTConfig", dict(common, hidden_size=48, ffn_dim=80, num_hidden_layers=2,
                                   num_attention_heads=6, word_embed_proj_dim=48)),
-        "gpt2": ("GPT2Config", dict(vocab_size=96, n_positions=64, n_embd=48, n_inner=80, n_layer=2, n_head=6)),
+        "gpt2": ("GPT2Config", dict(vocab_size=96, n_positions=64, n_embd=48, n_inner=80, n_layer=2, n_head=6,
+                                    bos_token_id=1, eos_token_id=2)),
     }
 
 

@@ -51,13 +51,6 @@ class BlockPermutation:
     kv_heads: tuple[int, ...] | None = None
     channels: tuple[int, ...] | None = None
 
-    def to_dict(self) -> dict:
-        return {k: (list(v) if v is not None else None) for k, v in self.__dict__.items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> BlockPermutation:
-        return cls(**{k: (tuple(v) if v is not None else None) for k, v in data.items()})
-
 
 def runs(positions: Iterable[int]) -> int:
     """Number of maximal contiguous runs in a set of positions (0 for an empty set)."""

@@ -106,11 +106,6 @@ class S2FTState:
     fused_owners: dict[str, nn.Module] = field(default_factory=dict)
     requires_grad: dict[str, bool] = field(default_factory=dict)
 
-    def __getstate__(self):  # never pickle the model through its own attribute
-        state = dict(self.__dict__)
-        state["model"] = None
-        return state
-
 
 def s2ft_state(model: nn.Module) -> S2FTState:
     state = getattr(model, "_fxsparse_s2ft", None)
