@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxsparse
+from fxsparse.memory import SavedActivations
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV_PATH = RESULTS / "s2ft_vs_lora.csv"
@@ -136,21 +137,12 @@ class Runner:
         """Activation bytes saved for backward, and FLOPs of forward + backward (``FlopCounterMode``:
         matmuls and attention, counted from shapes, so independent of machine load)."""
         # Parameters and buffers (rotary tables, S²FT index) are not activations.
-        params = {t.untyped_storage().data_ptr() for t in [*self.model.parameters(), *self.model.buffers()]}
-        storages: dict[int, int] = {}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                storages[ptr] = t.untyped_storage().nbytes()
-            return t
-
         with FlopCounterMode(display=False) as counter:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with SavedActivations(exclude=[*self.model.parameters(), *self.model.buffers()]) as saved:
                 loss = self.model(**batch).loss
             loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
-        return sum(storages.values()), counter.get_total_flops()
+        return saved.bytes, counter.get_total_flops()
 
 
 def run(args) -> list[dict]:

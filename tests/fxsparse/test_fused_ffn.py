@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fxsparse.layers.fused_ffn import FusedGatedFFN, activation_name, gated_act_mul
+from fxsparse.memory import SavedActivations
 
 REFERENCE = {
     "silu": F.silu,
@@ -17,15 +18,9 @@ REFERENCE = {
 
 
 def _saved_storages(fn) -> dict[int, int]:
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedActivations() as saved:
         fn()
-    return storages
+    return saved.storages
 
 
 @pytest.mark.parametrize("act", list(REFERENCE))

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fxsparse.layers.s2ft import S2FTLinear, s2ft_linear
+from fxsparse.memory import saved_activation_bytes
 
 # Index sets: contiguous (slice path) and scattered (gather path), for rows and columns.
 IN_FEATURES, OUT_FEATURES = 42, 24
@@ -25,22 +26,6 @@ def _dense_reference(layer: S2FTLinear, x: torch.Tensor, block: torch.Tensor) ->
     """Autograd through an explicitly masked dense weight: frozen part + block scattered back."""
     dense = layer.weight.detach().index_copy(layer.dim, layer.index, block)
     return nn.functional.linear(x, dense, None if layer.bias is None else layer.bias.detach())
-
-
-def _saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
-    """Bytes of unique storages saved for backward while running ``fn``, ``exclude`` storages left out."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("dim", [0, 1])
@@ -169,12 +154,12 @@ def test_saved_for_backward_is_exactly_what_the_block_needs(dim, kind):
     x = torch.randn(3, 8, IN_FEATURES, dtype=torch.float64, requires_grad=True)
     params = list(layer.parameters()) + [layer.index]
     k = len(INDEXES[kind])
-    saved = _saved_bytes(lambda: layer(x), exclude=params)
+    saved = saved_activation_bytes(lambda: layer(x), exclude=params)
     expected = x.numel() // IN_FEATURES * k * x.element_size() if dim == 1 else x.numel() * x.element_size()
     assert saved == expected
 
     layer.block.requires_grad_(False)
-    assert _saved_bytes(lambda: layer(x), exclude=params) == 0
+    assert saved_activation_bytes(lambda: layer(x), exclude=params) == 0
 
 
 def test_column_slice_saved_does_not_keep_input_alive():

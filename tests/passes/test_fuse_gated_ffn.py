@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fxsparse.layers.fused_ffn import FusedGatedFFN
+from fxsparse.memory import saved_activation_bytes
 from fxsparse.models import tiny_model
 from fxsparse.passes.fuse_gated_ffn import fuse_gated_ffn
 from fxsparse.structure import FFN, Attention, Block, Projection, Structure
@@ -42,19 +43,9 @@ def _batch(model, seed: int = 0) -> dict:
 
 
 def _saved_activation_bytes(model, batch) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**batch).loss.backward()
+    saved = saved_activation_bytes(lambda: model(**batch).loss.backward(), exclude=model.parameters())
     model.zero_grad(set_to_none=True)
-    return sum(storages.values())
+    return saved
 
 
 @pytest.mark.parametrize("arch", ARCHS)
