@@ -1,0 +1,1 @@
+"""fxsparse.passes: one pass per module; each is a function returning a ``PassResult`` (see ``manager``)."""
