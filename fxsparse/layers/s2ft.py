@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fxsparse.layers import dense_module
+
 __all__ = ["S2FTLinear", "s2ft_linear"]
 
 
@@ -225,21 +227,7 @@ class S2FTLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Module:
         """A fresh module of the original type (``nn.Linear`` or ``Conv1D``) holding the merged values."""
-        merged = self.merged_weight()
-        factory = {"device": merged.device, "dtype": merged.dtype}
-        if self.conv1d:
-            from transformers.pytorch_utils import Conv1D
-
-            module = Conv1D(self.out_features, self.in_features).to(**factory)
-            module.weight.copy_(merged.t())
-            if self.bias is None:
-                module.bias = None
-        else:
-            module = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, **factory)
-            module.weight.copy_(merged)
-        if self.bias is not None:
-            module.bias.copy_(self.bias.detach())
-        return module
+        return dense_module(self.merged_weight(), self.bias, self.conv1d)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

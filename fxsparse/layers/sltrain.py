@@ -41,6 +41,8 @@ import warnings
 import torch
 from torch import nn
 
+from fxsparse.layers import dense_module
+
 __all__ = [
     "SUPPORTS",
     "SLTrainLinear",
@@ -379,21 +381,7 @@ class SLTrainLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Module:
         """A plain ``nn.Linear`` (or ``Conv1D`` if this layer replaced one) computing the same function."""
-        weight = self.dense_weight()
-        factory = {"device": weight.device, "dtype": weight.dtype}
-        if self.conv1d:
-            from transformers.pytorch_utils import Conv1D
-
-            linear = Conv1D(self.out_features, self.in_features).to(**factory)
-            linear.weight.copy_(weight.t())
-            if self.bias is None:
-                linear.bias = None
-        else:
-            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, **factory)
-            linear.weight.copy_(weight)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        return dense_module(self.dense_weight(), self.bias, self.conv1d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
