@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fxsparse.passes.manager import PassResult
 from torch import nn
 
 from fxsparse.layers.sltrain import SLTrainLinear, layer_seed
+from fxsparse.passes.manager import PassResult
 from fxsparse.structure import Structure
 
 __all__ = ["ROLES", "SLTrainPassState", "resolve_targets", "replace_sltrain", "mark_all_trainable"]

@@ -238,4 +238,5 @@ def test_lowrank_from_scratch_is_not_a_dead_start():
     assert layers and all(m.B.abs().sum() > 0 for m in layers)
     assert all(m.A.grad is not None and m.A.grad.abs().sum() > 0 for m in layers)
     again = fxsparse.transform(tiny_model("llama"), "lowrank", rank=4, seed=0)
-    assert all(torch.equal(a.B, b.B) for a, b in zip(layers, [m for m in again.modules() if isinstance(m, SLTrainLinear)]))
+    redrawn = [m for m in again.modules() if isinstance(m, SLTrainLinear)]
+    assert all(torch.equal(a.B, b.B) for a, b in zip(layers, redrawn))
