@@ -1,7 +1,15 @@
 """Shared fixtures. The real SmolLM2-135M is loaded once per test session (about 20 s on CPU)."""
 
-import pytest
+import os
+
 import torch
+
+# Triton kernels run in the CPU interpreter where there is no GPU; triton.jit reads this at decoration time,
+# so it must be set before any fxsparse.codegen kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
