@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench
+.PHONY: setup test test-fast demo lint bench
 
 setup: $(STAMP)
 
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The full run (CI): every test, the real-model ones included, and every docstring example (tests/test_doctests.py).
 test: setup
 	$(BIN)/python -m pytest -q -x --timeout=900 tests
+
+# The fast lane while developing: skips the tests marked slow (real SmolLM2 model, minutes-long runs).
+test-fast: setup
+	$(BIN)/python -m pytest -q -x --timeout=900 -m "not slow" tests
 
 demo: setup
 	$(BIN)/fxsparse demo

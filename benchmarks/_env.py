@@ -1,4 +1,8 @@
-"""What every benchmark row records about where it ran: device name, git revision, load."""
+"""What every benchmark row records about where it ran: device name, git revision, load.
+
+A row's ``git_rev`` is ``git describe --always --dirty``: a result measured on uncommitted code says so.
+:func:`require_clean_tree` stops a benchmark that would append such a row unless told ``--allow-dirty``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_name", "device_name", "git_rev", "load_average"]
+__all__ = ["cpu_name", "device_name", "git_rev", "require_clean_tree", "load_average"]
 
 
 def cpu_name() -> str:
@@ -30,13 +34,21 @@ def device_name() -> str:
 
 
 def git_rev() -> str:
-    """Short revision of the checkout the benchmarks live in (``unknown`` outside git)."""
+    """``git describe --always --dirty`` of the checkout the benchmarks live in (``unknown`` outside git)."""
     try:
-        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent)
+        proc = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parent)
     except OSError:
         return "unknown"
     return proc.stdout.strip() or "unknown"
+
+
+def require_clean_tree(allow_dirty: bool) -> None:
+    """Refuse (SystemExit) to record results from a checkout with uncommitted changes, unless allowed."""
+    rev = git_rev()
+    if rev.endswith("-dirty") and not allow_dirty:
+        raise SystemExit(f"the checkout has uncommitted changes ({rev}): commit first so each result row names the "
+                         "code that produced it, or pass --allow-dirty to record it as such")
 
 
 def load_average() -> float:

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from _env import cpu_name, git_rev, load_average
+from _env import cpu_name, git_rev, load_average, require_clean_tree
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -292,7 +292,11 @@ def main() -> None:
     parser.add_argument("--builder", choices=["auto", "transform", "local"], default="auto")
     parser.add_argument("--tiny", action="store_true", help="tiny random LLaMA smoke run; writes nothing")
     parser.add_argument("--dry-run", action="store_true", help="print the table, write no results files")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="record results from a checkout with uncommitted changes (tagged -dirty)")
     args = parser.parse_args()
+    if not (args.tiny or args.dry_run):
+        require_clean_tree(args.allow_dirty)
     rows = run(args)
     cols = ["provider", "builder", "median_ms", "ratio_to_lora", "ratio_to_full", "cpu_ms",
             "cpu_ratio_to_lora", "cpu_ratio_to_full", "min_ms", "min_ratio_to_lora", "min_ratio_to_full",

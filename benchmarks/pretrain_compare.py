@@ -30,7 +30,7 @@ import math
 import shutil
 from pathlib import Path
 
-from _env import device_name, git_rev
+from _env import device_name, git_rev, require_clean_tree
 
 from fxsparse.pretrain import PRESETS, parse_args, run
 
@@ -67,6 +67,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--runs", default=str(ROOT / "runs" / "pretrain_compare"), help="checkpoints and curves")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--report-only", action="store_true", help="only regenerate the table and plot")
+    p.add_argument("--allow-dirty", action="store_true", help="record results from a checkout with uncommitted changes")
     return p.parse_args()
 
 
@@ -229,6 +230,7 @@ def main() -> None:
     if args.report_only:
         write_report(results)
         return
+    require_clean_tree(args.allow_dirty)
     from fxsparse.pretrain import _load_tokenizer
 
     tokenizer = _load_tokenizer("smollm2")
