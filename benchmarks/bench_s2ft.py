@@ -3,9 +3,10 @@
 One process, one base model (SmolLM2-135M-Instruct, float32), batch 2 x 128 tokens, AdamW. Providers:
 
 - ``s2ft``: ``fxsparse.transform(model, recipe="s2ft")`` with the default ratios (``o`` 0.052, ``down``
-  0.02; columns of O and Down, units drawn from one pool across all blocks) and fused gated FFNs. With
-  ``--builder local`` (or when the recipe is not available) the same model is built here from the
-  pieces: ``select_units`` -> ``permute_coupled`` -> ``S2FTLinear`` -> ``fuse_gated_ffn``;
+  0.02; columns of O and Down, units drawn from one pool across all blocks) and gated FFNs that
+  recompute ``act(gate)`` in backward. With ``--builder local`` (or when the recipe is not available) the
+  same model is built here from the passes: ``select_units`` -> ``permute_coupled`` -> ``replace_s2ft``
+  -> ``recompute_gated_act``;
 - ``lora``: PEFT LoRA, r=16, alpha=32, no dropout, on q, k, v, o, gate, up, down;
 - ``full``: every parameter trains.
 
@@ -77,22 +78,16 @@ def build_s2ft(base: nn.Module, builder: str) -> tuple[nn.Module, str]:
 
 
 def _build_s2ft_locally(model: nn.Module) -> nn.Module:
-    from fxsparse.layers.s2ft import S2FTLinear
-    from fxsparse.passes.fuse_gated_ffn import fuse_gated_ffn
-    from fxsparse.passes.permute_coupled import apply_permutations, permuted_module_indices, plan_permutations
+    from fxsparse.passes.permute_coupled import permute_coupled
+    from fxsparse.passes.recompute_gated_act import recompute_gated_act
+    from fxsparse.passes.replace_s2ft import replace_s2ft
     from fxsparse.passes.select_units import select_units
 
     structure = fxsparse.inspect(model)
-    plan = select_units(structure, DEFAULT_RATIOS, seed=0)
-    perms = plan_permutations(structure, plan)
-    apply_permutations(model, structure, perms)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for path, dim, rows, *_ in permuted_module_indices(structure, plan, perms).values():
-        parent, _, name = path.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, name, S2FTLinear.from_linear(getattr(owner, name), dim, rows))
-    fuse_gated_ffn(model, structure)
+    plan = select_units(structure=structure, model=model, ratios=DEFAULT_RATIOS, seed=0).outputs["plan"]
+    perms = permute_coupled(model=model, structure=structure, plan=plan).outputs["perms"]
+    replace_s2ft(model=model, structure=structure, plan=plan, perms=perms)
+    recompute_gated_act(model=model, structure=structure)
     return model
 
 

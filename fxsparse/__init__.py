@@ -24,6 +24,7 @@ __all__ = [
     "load_adapter",
     "trainable_parameters",
     "print_trainable_parameters",
+    "compile_report",
     "Structure",
 ]
 
@@ -38,29 +39,33 @@ def inspect(model: nn.Module, example_inputs: Any = None) -> Structure:
     >>> s.to_dict()["blocks"][0]["attention"]["num_kv_heads"]
     2
     """
-    from fxsparse.capture import capture
+    from fxsparse.passes.capture_graph import capture_graph
     from fxsparse.passes.find_structure import find_structure
+    from fxsparse.passes.manager import PassManager
 
-    captured = capture(model, example_inputs)
-    return find_structure(captured)
+    manager = PassManager([capture_graph, find_structure], inputs=("model", "example_inputs"))
+    return manager.run({"model": model, "example_inputs": example_inputs})["structure"]
 
 
 def transform(model: nn.Module, recipe: Any = "s2ft", example_inputs: Any = None, **options) -> nn.Module:
-    """Rewrite ``model`` in place for training with ``recipe`` (``"s2ft"``, ``"sltrain"`` or a Recipe).
+    """Rewrite ``model`` in place for training with ``recipe``.
 
-    Options are the recipe's config fields (see ``fxsparse.recipes.s2ft.S2FTConfig`` and
-    ``fxsparse.recipes.sltrain.SLTrainConfig``); unknown options and bad values raise ``ValueError``.
+    ``recipe``: a name (``"s2ft"``, ``"sltrain"``, ``"lowrank"``), a config instance (``S2FTConfig(...)``,
+    ``SLTrainConfig(...)``, ``LowRankConfig(...)``) or a :class:`fxsparse.recipes.Recipe`. Options are the
+    config's fields (with a config instance they override its values); unknown options and bad values
+    raise ``ValueError``. ``example_inputs``: what the model's forward takes (made up when None; cut to
+    batch 1 and a few tokens). On any error the model is left exactly as it was.
+
+    >>> from fxsparse.models import tiny_model
+    >>> from fxsparse.recipes.sltrain import SLTrainConfig
+    >>> model = transform(tiny_model("llama"), SLTrainConfig(rank=4))
+    >>> type(model.model.layers[0].mlp.up_proj).__name__
+    'SLTrainLinear'
     """
-    from fxsparse.recipes import get_recipe, make_config
+    from fxsparse.recipes import apply_recipe, resolve_recipe
 
-    handler = get_recipe(recipe)
-    config = make_config(handler.config_cls, options)
-    if getattr(model, "_fxsparse_recipe", None) is not None:
-        raise ValueError(f"model is already transformed with recipe {model._fxsparse_recipe!r}; merge it first")
-    structure = inspect(model, example_inputs)
-    model = handler.apply(model, structure, config, example_inputs)
-    model._fxsparse_recipe = handler.name
-    return model
+    handler, config = resolve_recipe(recipe, options)
+    return apply_recipe(model, handler, config, example_inputs)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -106,3 +111,13 @@ def print_trainable_parameters(model: nn.Module) -> str:
     line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}"
     print(line)
     return line
+
+
+def compile_report(model: nn.Module | None = None):
+    """Which ``torch.compile(backend="fxsparse")`` passes fired where for ``model`` (all models: None).
+
+    See :mod:`fxsparse.compile`; ``print(report)`` lists every candidate, ``report.summary()`` counts them.
+    """
+    from fxsparse.compile import compile_report as _compile_report
+
+    return _compile_report(model)

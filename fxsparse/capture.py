@@ -6,6 +6,11 @@ tensors, so no real forward is computed and a model built on the ``meta`` device
 say) is analysed without its memory. Every call_function node keeps ``nn_module_stack`` (the module
 path it ran in) and ``meta["val"]`` (its output's shape and dtype).
 
+A user's example input is cut down before the capture (:func:`small_example`): batch 1, and at most
+``MAX_EXAMPLE_TOKENS`` tokens when the input holds token ids. Discovery follows integer tensors the
+size of a projection's output through the graph, and the function check runs the example forward: both
+must cost the same for an 8 x 2048 example as for the 1 x 7 one made up here.
+
 >>> from fxsparse.models import tiny_model
 >>> captured = capture(tiny_model("llama"))
 >>> any(n.target == torch.ops.aten.scaled_dot_product_attention.default for n in captured.graph.nodes)
@@ -15,17 +20,19 @@ True
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-__all__ = ["Captured", "capture", "example_inputs_for", "module_path"]
+__all__ = ["Captured", "capture", "example_inputs_for", "model_inputs", "small_example", "module_path"]
 
 # A prime sequence length: no head count or head size is likely to equal it, which keeps shapes in
 # the captured graph unambiguous for a reader; discovery itself does not rely on it.
 EXAMPLE_SEQ_LEN = 7
+# Longest token sequence of a user's example that capture and the function check keep.
+MAX_EXAMPLE_TOKENS = 32
 
 
 @dataclass
@@ -35,6 +42,9 @@ class Captured:
     model: nn.Module
     graph_module: fx.GraphModule
     param_names: dict[str, str]  # placeholder name -> parameter FQN ("model.layers.0.mlp.up_proj.weight")
+    buffer_names: dict[str, str] = field(default_factory=dict)  # placeholder name -> buffer FQN
+    args: tuple = ()  # the (small) example the graph was exported with: model(*args, **kwargs)
+    kwargs: dict = field(default_factory=dict)
 
     @property
     def graph(self) -> fx.Graph:
@@ -88,7 +98,9 @@ def _sdpa_attention(model: nn.Module):
             config._attn_implementation = previous
 
 
-def _normalise_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+def model_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` for ``model(*args, **kwargs)`` from a tensor, a tuple or a dict of inputs
+    (made up by :func:`example_inputs_for` when None); transformers models get ``use_cache=False``."""
     if example_inputs is None:
         return example_inputs_for(model)
     if isinstance(example_inputs, dict):
@@ -102,18 +114,61 @@ def _normalise_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dic
     return tuple(example_inputs), kwargs
 
 
+def small_example(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example cut to batch 1 and, when it holds token ids, to ``MAX_EXAMPLE_TOKENS`` tokens.
+
+    The batch size is dim 0 of the first input of two or more dims; every such input with that dim 0
+    keeps its first row. The sequence length is dim 1 of the first 2-D integer input (the token ids);
+    every input of two or more dims with that dim 1 keeps its first tokens. Inputs of other shapes are
+    left alone (a capture that then fails falls back to the full example).
+
+    >>> ids = torch.zeros(8, 2048, dtype=torch.long)
+    >>> args, kwargs = small_example((ids,), {"attention_mask": torch.ones(8, 2048), "use_cache": False})
+    >>> tuple(args[0].shape), tuple(kwargs["attention_mask"].shape), kwargs["use_cache"]
+    ((1, 32), (1, 32), False)
+    """
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() >= 2]
+    if not tensors:
+        return args, kwargs
+    batch = tensors[0].shape[0]
+    seq = next((t.shape[1] for t in tensors if t.dim() == 2 and not t.is_floating_point()), None)
+
+    def cut(value):
+        if not isinstance(value, torch.Tensor) or value.dim() < 2:
+            return value
+        if value.shape[0] == batch:
+            value = value[:1]
+        if seq is not None and seq > MAX_EXAMPLE_TOKENS and value.shape[1] == seq:
+            value = value[:, :MAX_EXAMPLE_TOKENS]
+        return value
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict):
+    with _sdpa_attention(model), torch.no_grad():
+        return torch.export.export(model, args, kwargs=kwargs, strict=False)
+
+
 def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
     """Export ``model`` (non-strict, on fake tensors) and return the graph with parameter names.
 
     ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs; made up
-    from the model when omitted.
+    from the model when omitted, cut down by :func:`small_example` when given.
     """
-    args, kwargs = _normalise_inputs(model, example_inputs)
+    full_args, full_kwargs = model_inputs(model, example_inputs)
+    args, kwargs = small_example(full_args, full_kwargs)
     was_training = model.training
     model.eval()  # dropout off: it would put random masks between a projection and its consumer
     try:
-        with _sdpa_attention(model), torch.no_grad():
-            exported = torch.export.export(model, args, kwargs=kwargs, strict=False)
+        try:
+            exported = _export(model, args, kwargs)
+        except Exception:
+            if all(a is b for a, b in zip(args, full_args)) and all(
+                    kwargs[k] is full_kwargs[k] for k in kwargs):
+                raise
+            args, kwargs = full_args, full_kwargs  # an input the cut did not fit: the example as given
+            exported = _export(model, args, kwargs)
     except Exception as exc:
         raise ValueError(
             f"could not capture {type(model).__name__} with torch.export ({type(exc).__name__}: {exc}); "
@@ -123,7 +178,8 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Captured:
         model.train(was_training)
     signature = exported.graph_signature
     return Captured(model=model, graph_module=exported.graph_module,
-                    param_names=dict(signature.inputs_to_parameters))
+                    param_names=dict(signature.inputs_to_parameters),
+                    buffer_names=dict(signature.inputs_to_buffers), args=args, kwargs=kwargs)
 
 
 def module_path(node: fx.Node) -> str | None:

@@ -88,12 +88,9 @@ def _bench(args) -> dict:
 
 
 def _tune(args) -> dict:
-    import torch
+    from fxsparse.tune import run
 
-    if not torch.cuda.is_available():
-        print("no CUDA device: the CPU path runs plain torch ops, there is nothing to autotune")
-        return {"tuned": 0}
-    raise SystemExit("GPU autotuning arrives with the Triton codegen; not available in this version")
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("tune", help="pre-autotune the kernels of a model's shapes (GPU)")
-    p.add_argument("--model", default="smollm2")
+    p = sub.add_parser("tune", help="pre-autotune the kernels of a model's shapes (GPU), or --clear the cache")
+    from fxsparse.tune import add_arguments as _tune_arguments
+
+    _tune_arguments(p)
     p.set_defaults(func=_tune)
 
     for module_name in dict.fromkeys(_DELEGATED.values()):

@@ -127,6 +127,9 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--compile", nargs="?", const="fxsparse", default=None, choices=["fxsparse", "inductor"],
+                   help="train under torch.compile with this backend (default when given: fxsparse); "
+                        "evaluation stays eager")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -288,11 +291,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     stream = BatchStream(encode_examples(tokenizer, train_examples, args.seq_len), args.batch_size,
                          tokenizer.pad_token_id, seed=args.seed)
+    if getattr(args, "compile", None):
+        from fxsparse.compile import compile_module
+
+        compile_module(model, backend=args.compile)  # in place: parameter names and checkpoints unchanged
     result = train(
         model, stream, steps=args.steps, lr=args.lr, grad_accum=args.grad_accum, warmup_steps=args.warmup,
         schedule=args.schedule, checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every,
         resume=args.resume, progress=not args.no_progress,
     )
+    if getattr(args, "compile", None):
+        from fxsparse.compile import uncompile_module
+
+        uncompile_module(model)  # generate() below varies its shapes every token: eager is faster there
     print(f"trained {result.steps - result.resumed_from} steps in {result.seconds:.0f} s "
           f"(loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f})", flush=True)
     after, answers = _evaluate(model, tokenizer, heldout, args, "after")
@@ -308,6 +319,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "data": source,
         "recipe": args.recipe,
+        "compile": getattr(args, "compile", None),
         "ratios": ratios,
         "select": args.select if ratios else None,
         "layers": parse_layers(args.layers) if ratios and args.layers else None,

@@ -408,6 +408,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--compile", nargs="?", const="fxsparse", default=None, choices=["fxsparse", "inductor"],
+                   help="train and evaluate under torch.compile with this backend (default when given: fxsparse)")
     p.set_defaults(func=run)
     return p
 
@@ -466,6 +468,10 @@ def run(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     model = apply_recipe(model, args.recipe, options)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    if getattr(args, "compile", None):
+        from fxsparse.compile import compile_module
+
+        compile_module(model, backend=args.compile)  # in place: state_dict keys (checkpoints) unchanged
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = args.warmup if args.warmup is not None else args.steps // 10

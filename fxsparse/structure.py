@@ -1,8 +1,9 @@
 """Records of what structure discovery found: heads, GQA groups, FFN channels and coupled pairs.
 
 A :class:`Structure` is plain data. ``Structure.to_dict()`` is the JSON contract of
-``fxsparse.inspect``; :meth:`Structure.coupling_graph` gives the networkx graph whose edges are the
-coupled pairs a permutation must respect.
+``fxsparse.inspect``. Which roles are permuted together is fixed by the record types themselves: an
+:class:`Attention` couples the q, k, v rows and the o columns of its heads, an :class:`FFN` the gate/up
+rows and the down columns of its channels (``fxsparse.passes.permute_coupled`` reads them that way).
 
 Index convention: a producer projection (q, k, v, gate, up) owns *output rows* of its module's weight,
 a consumer projection (o, down) owns *input columns*. ``Projection.index`` lists them unit by unit
@@ -13,8 +14,6 @@ module's rows/columns in their natural order", the common unfused case.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import networkx as nx
 
 __all__ = ["Projection", "Attention", "FFN", "Block", "Structure"]
 
@@ -110,6 +109,7 @@ class Structure:
     blocks: list[Block]
     unrecognized: list[str] = field(default_factory=list)
     linear_paths: list[str] = field(default_factory=list)  # every linear-like module, in graph order
+    reasons: dict[str, str] = field(default_factory=dict)  # unrecognized path -> why, where discovery knows
 
     def to_dict(self) -> dict:
         blocks = []
@@ -130,7 +130,7 @@ class Structure:
                     "fused_gate_up": f.up.fused,
                 }
             blocks.append(entry)
-        return {"blocks": blocks, "unrecognized": list(self.unrecognized)}
+        return {"blocks": blocks, "unrecognized": list(self.unrecognized), "reasons": dict(self.reasons)}
 
     def target_paths(self) -> list[str]:
         """Module paths of every attention/FFN projection found (deduplicated, graph order)."""
@@ -139,22 +139,3 @@ class Structure:
             for proj in block.projections().values():
                 seen.setdefault(proj.path, None)
         return list(seen)
-
-    def coupling_graph(self) -> nx.Graph:
-        """Nodes ``(block, role)``; an edge joins two roles that must be permuted together.
-
-        Heads: q, k, v rows and o columns (q heads carry their KV group); channels: gate/up rows and
-        down columns.
-        """
-        graph = nx.Graph()
-        for block in self.blocks:
-            for role, proj in block.projections().items():
-                graph.add_node((block.index, role), path=proj.path)
-            if block.attention is not None:
-                for role in ("q", "k", "v"):
-                    graph.add_edge((block.index, role), (block.index, "o"), unit="head")
-            if block.ffn is not None:
-                for role in ("up", "gate"):
-                    if (block.index, role) in graph:
-                        graph.add_edge((block.index, role), (block.index, "down"), unit="channel")
-        return graph

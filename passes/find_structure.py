@@ -1,4 +1,4 @@
-"""Structure discovery: attention heads, GQA groups and FFN channels from the captured graph's dataflow.
+"""Pass: find attention heads, GQA groups and FFN channels from the captured graph's dataflow.
 
 Nothing here reads attribute names. Q, K and V are the linears whose outputs reach
 ``scaled_dot_product_attention``'s query, key and value through reshapes only; O is the linear fed by
@@ -8,11 +8,19 @@ followed through view/transpose/slice/split ops with an integer *provenance tens
 the feature index it came from) until it has the (batch, seq, heads, head_dim) shape, which says exactly
 which output rows of the weight form each head, also inside fused QKV or gate_up projections.
 
-Each recognised linear node gets a ``node.meta["fxsparse.role"]`` record (:class:`RoleRecord`).
+Heads are only recognised where permuting them is exact. Between each of q, k, v and the attention, a
+*head-index tensor* (the head each element belongs to) is pushed through every op; an operand that is
+not itself derived from the projection and differs from head to head (a per-head gain on Q, a
+concatenated per-head sink, a bias added outside the linear) would not move with a head permutation,
+so that attention is left unrecognised, with the reason in ``Structure.reasons``. So is an attention
+whose mask has per-head slices (ALiBi-style slopes).
+
+Only the linears that feed an attention input are followed with provenance tensors, so their cost is
+that of the projections' outputs on the (small) captured example, never of the LM head's.
 
 >>> from fxsparse.capture import capture
 >>> from fxsparse.models import tiny_model
->>> structure = find_structure(capture(tiny_model("qwen3")))
+>>> structure = find_structure(captured=capture(tiny_model("qwen3"))).outputs["structure"]
 >>> a = structure.blocks[0].attention
 >>> (a.num_heads, a.num_kv_heads, a.head_dim)
 (4, 2, 20)
@@ -28,9 +36,10 @@ import torch
 from torch import fx
 
 from fxsparse.capture import Captured, module_path
+from fxsparse.passes.manager import PassResult, fxpass
 from fxsparse.structure import FFN, Attention, Block, Projection, Structure
 
-__all__ = ["find_structure", "RoleRecord"]
+__all__ = ["find_structure", "discover"]
 
 aten = torch.ops.aten
 
@@ -46,20 +55,16 @@ _RESHAPES = {
 _IDENTITIES = {
     aten.contiguous.default, aten.clone.default, aten.alias.default, aten.to.dtype, aten.to.dtype_layout,
     aten._to_copy.default, aten.dropout.default, aten.detach.default, aten.lift_fresh_copy.default,
+    aten.to.device,
 }
+_CONCATS = {aten.cat.default, aten.stack.default}
+# Reductions that may sit between a projection and the attention (RMS norms of q and k over head_dim).
+_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
 _ACTIVATIONS = {
     aten.silu.default: "silu", aten.gelu.default: "gelu", aten.relu.default: "relu",
     aten.sigmoid.default: "sigmoid", aten.tanh.default: "tanh", aten.mish.default: "mish",
 }
 _SDPA = {aten.scaled_dot_product_attention.default}
-
-
-class RoleRecord(NamedTuple):
-    """Attached to a linear node as ``node.meta["fxsparse.role"]``."""
-
-    block: int
-    role: str  # q, k, v, o, gate, up, down
-    path: str
 
 
 class _Linear(NamedTuple):
@@ -130,8 +135,16 @@ def _scales(node: fx.Node, source: fx.Node) -> bool:
             and node.args[0] is source and isinstance(node.args[1], (int, float)))
 
 
-def _follow(start: fx.Node, value, stop) -> list[tuple[fx.Node, object]]:
-    """Push ``value`` (the provenance of ``start``) forward through reshapes/identities.
+def _keeps_layout(user: fx.Node, node: fx.Node) -> bool:
+    """An elementwise op whose output has ``node``'s shape (``q + bias``, ``q * cos``): values change,
+    the layout does not. What such an op brings in is checked by :func:`_head_blocker`."""
+    return (user.op == "call_function" and torch.Tag.pointwise in getattr(user.target, "tags", ())
+            and _shape(user) is not None and _shape(user) == _shape(node))
+
+
+def _follow(start: fx.Node, value, stop, pointwise: bool = False) -> list[tuple[fx.Node, object]]:
+    """Push ``value`` (the provenance of ``start``) forward through reshapes/identities (and, with
+    ``pointwise``, through elementwise ops that keep the shape).
 
     Returns ``(node, provenance)`` for each node where ``stop(node, provenance)`` held or where a
     non-reshape consumer begins (those are returned with provenance ``None`` for the consumer edge).
@@ -144,7 +157,7 @@ def _follow(start: fx.Node, value, stop) -> list[tuple[fx.Node, object]]:
             results.append((node, prov))
             continue
         for user in node.users:
-            if _scales(user, node):
+            if _scales(user, node) or (pointwise and _keeps_layout(user, node)):
                 queue.append((user, prov))  # q * scaling keeps the layout
             elif user.op == "call_function" and (user.target in _RESHAPES or user.target in _IDENTITIES):
                 try:
@@ -170,6 +183,10 @@ def _heads_view(prov: torch.Tensor, features: int) -> tuple[int, list[list[int]]
     if varies(1):
         seq_axis = 1
     elif varies(2):
+        seq_axis = 2
+    elif prov.shape[1] == 1:  # one token per sequence: the axis of size 1 is the sequence
+        seq_axis = 1
+    elif prov.shape[2] == 1:
         seq_axis = 2
     else:
         return None
@@ -203,24 +220,44 @@ def _index_or_none(rows: list[int], total: int) -> tuple[int, ...] | None:
     return None if rows == list(range(total)) else tuple(rows)
 
 
+def _ancestors(arg: fx.Node, linears) -> set[fx.Node]:
+    """``arg`` and the nodes it is computed from, up to (and including) linears, SDPA calls and inputs."""
+    seen, queue = {arg}, deque([arg])
+    while queue:
+        node = queue.popleft()
+        if node in linears or node.target in _SDPA or node.op != "call_function":
+            continue
+        for parent in node.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                queue.append(parent)
+    return seen
+
+
 def _attention_projections(sdpa_nodes, linears):
-    """For each SDPA node: {"q"|"k"|"v": (linear, heads, rows)} found by following projections forward."""
+    """For each SDPA node: {"q"|"k"|"v": (linear, heads, rows)} found by following projections forward.
+
+    Only linears that some attention input is computed from (without another linear in between) are
+    followed: the provenance tensors are then the size of q/k/v outputs, never of an LM head's.
+    """
     found: dict[fx.Node, dict[str, tuple[_Linear, int, list[int]]]] = {n: {} for n in sdpa_nodes}
     arg_of: dict[fx.Node, list[tuple]] = {}
     head_dims = set()
+    feeders: dict[fx.Node, None] = {}
     for sdpa in sdpa_nodes:
         for role, arg in zip("qkv", sdpa.args[:3]):
             arg_of.setdefault(arg, []).append((sdpa, role))
             head_dims.add((_shape(arg) or (0,))[-1])
+            feeders.update((node, None) for node in _ancestors(arg, linears) if node in linears)
 
     def is_heads(node, prov):
         return isinstance(prov, torch.Tensor) and prov.dim() == 4 and prov.shape[-1] in head_dims
 
-    for lin in linears.values():
+    for lin in (linears[node] for node in linears if node in feeders):
         shape = _shape(lin.node)
         if shape is None:
             continue
-        for node, prov in _follow(lin.node, _provenance(shape), is_heads):
+        for node, prov in _follow(lin.node, _provenance(shape), is_heads, pointwise=True):
             if not isinstance(prov, torch.Tensor):
                 continue
             view = _heads_view(prov, lin.out_features)
@@ -229,6 +266,136 @@ def _attention_projections(sdpa_nodes, linears):
             for sdpa, role in _reaches(node, arg_of):
                 found[sdpa].setdefault(role, (lin, view[0], [r for head in view[1] for r in head]))
     return found
+
+
+def _replay(node: fx.Node, values: dict[fx.Node, object]):
+    """Run ``node``'s op with known ``values`` for its inputs and -1 filled tensors for the others."""
+    if node.target in _IDENTITIES:
+        return values[next(a for a in node.all_input_nodes if a in values)]
+
+    def sub(arg):
+        if isinstance(arg, fx.Node):
+            if arg in values:
+                return values[arg]
+            shape = _shape(arg)
+            return torch.full(shape, -1, dtype=torch.int64) if shape is not None else arg
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(sub(a) for a in arg)
+        return arg
+
+    return node.target(*(sub(a) for a in node.args), **{k: sub(v) for k, v in node.kwargs.items()})
+
+
+def _varies(index: torch.Tensor, axis: int) -> bool:
+    return index.shape[axis] > 1 and bool((index != index.narrow(axis, 0, 1)).any())
+
+
+def _per_head_operand(operand: fx.Node, index: torch.Tensor) -> bool:
+    """Whether ``operand``, broadcast against a tensor whose elements belong to heads ``index``, takes
+    different values along an axis on which the head changes."""
+    shape = _shape(operand)
+    if shape is None:
+        return False
+    offset = index.dim() - len(shape)
+    return any(shape[axis - offset] > 1 and _varies(index, axis) for axis in range(max(offset, 0), index.dim()))
+
+
+def _op_name(node: fx.Node) -> str:
+    return str(getattr(node.target, "__name__", node.target))
+
+
+def _sources(node: fx.Node, names: dict[str, str], limit: int = 64) -> list[str]:
+    """Names of the parameters and buffers ``node`` is computed from (closest first), for messages."""
+    found, seen, queue = [], {node}, deque([node])
+    while queue and len(seen) < limit:
+        current = queue.popleft()
+        if current.op == "placeholder" and current.name in names:
+            found.append(names[current.name])
+        for parent in current.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                queue.append(parent)
+    return found
+
+
+def _describe(node: fx.Node, names: dict[str, str]) -> str:
+    sources = _sources(node, names)
+    shape = list(_shape(node) or [])
+    return f"{sources[0]} (seen as {shape})" if sources else f"{node.name} {shape}"
+
+
+def _head_blocker(lin: _Linear, rows: list[int], heads: int, arg: fx.Node, linears,
+                  names: dict[str, str]) -> str | None:
+    """Why permuting the ``heads`` of ``lin`` (``rows``: unit-major output rows) would change what
+    reaches the attention input ``arg``; None when it would not (see the module docstring)."""
+    shape = _shape(lin.node)
+    if shape is None:
+        return f"{lin.path}: no output shape in the graph"
+    head_of_row = torch.full((lin.out_features,), -1, dtype=torch.int64)
+    head_of_row[torch.tensor(rows)] = torch.arange(heads).repeat_interleave(len(rows) // heads)
+    values: dict[fx.Node, object] = {lin.node: head_of_row.expand(shape).contiguous()}
+    upstream = _ancestors(arg, linears)
+    on_path, queue = set(), deque([lin.node])
+    while queue:
+        for user in queue.popleft().users:
+            if user in upstream and user not in on_path:
+                on_path.add(user)
+                queue.append(user)
+    order = {node: i for i, node in enumerate(arg.graph.nodes)}
+    for node in sorted(on_path, key=order.__getitem__):
+        inputs = [a for a in node.all_input_nodes if a in values]
+        others = [a for a in node.all_input_nodes if a not in values]
+        target = node.target
+        try:
+            if target in _RESHAPES or target in _IDENTITIES or target in _CONCATS:
+                value = _replay(node, values)
+                seen = value if isinstance(value, torch.Tensor) else None
+            elif torch.Tag.pointwise in getattr(target, "tags", ()):
+                out_shape = _shape(node)
+                parts = [torch.broadcast_to(values[a], out_shape) for a in inputs]
+                value = parts[0]
+                for part in parts[1:]:  # two paths meet (x * rsqrt(mean(x^2))): the heads must agree
+                    value = torch.where(value == part, value, -2)
+                seen = value
+            elif target in _REDUCTIONS:
+                source = values[node.args[0]]
+                dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+                keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+                high, low = source.amax(dims, keepdim), source.amin(dims, keepdim)
+                value = seen = torch.where(high == low, high, -2)  # -2: a reduction over several heads
+            else:
+                return f"{_op_name(node)} lies between {lin.path} and the attention (heads not followed through it)"
+        except Exception as exc:  # an op we cannot replay on head indices: do not guess
+            return f"cannot follow the heads of {lin.path} through {_op_name(node)} ({type(exc).__name__})"
+        if seen is not None:
+            for other in others:
+                if _per_head_operand(other, seen):
+                    return (f"{_describe(other, names)} takes a different value per head on the way "
+                            f"from {lin.path} to the attention ({_op_name(node)}): permuting heads would change "
+                            "the function")
+        values[node] = value
+    final = values.get(arg)
+    if isinstance(final, torch.Tensor) and bool((final < 0).any()):
+        return f"the attention input from {lin.path} mixes heads or other rows"
+    return None
+
+
+def _mask_blocker(sdpa: fx.Node, names: dict[str, str]) -> str | None:
+    """Why the attention mask of ``sdpa`` ties heads to their position (a per-head bias), or None."""
+    mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+    if not isinstance(mask, fx.Node):
+        return None
+    node = mask
+    while True:
+        shape = _shape(node)
+        if shape is None or len(shape) < 3 or shape[-3] == 1:
+            return None
+        source = node.args[0] if node.args else None
+        if not (isinstance(source, fx.Node) and (node.target in _RESHAPES or node.target in _IDENTITIES)):
+            break
+        node = source
+    return (f"the attention mask {_describe(mask, names)} has one slice per head (ALiBi-style slopes or a "
+            "per-head bias): permuting heads would change the function")
 
 
 def _output_projection(sdpa: fx.Node, linears, heads: int, head_dim: int):
@@ -377,26 +544,62 @@ def _find_ffn(down: _Linear, linears) -> FFN | None:
     return None
 
 
-def find_structure(captured: Captured) -> Structure:
-    """Find every transformer block's attention and FFN in ``captured`` (see the module docstring)."""
+@fxpass(reads=("captured",), writes=("structure",))
+def find_structure(captured: Captured) -> PassResult:
+    """Find every transformer block's attention and FFN in the captured graph (a :class:`Structure`).
+
+    Reads only the graph; ``ValueError`` if it holds no attention and no FFN.
+
+    >>> import fxsparse
+    >>> from fxsparse.capture import capture
+    >>> from fxsparse.models import tiny_model
+    >>> result = find_structure(captured=capture(tiny_model("llama")))
+    >>> len(result.outputs["structure"].blocks), result.outputs["structure"].unrecognized
+    (2, ['lm_head'])
+    """
+    structure = discover(captured)
+    attention = sum(block.attention is not None for block in structure.blocks)
+    ffn = sum(block.ffn is not None for block in structure.blocks)
+    info = f"{len(structure.blocks)} blocks ({attention} attention, {ffn} FFN), unrecognized {structure.unrecognized}"
+    return PassResult(False, info, outputs={"structure": structure})
+
+
+def discover(captured: Captured) -> Structure:
+    """The analysis behind :func:`find_structure`, as a plain function of a :class:`Captured` graph."""
     linears = _linears(captured)
+    names = {**captured.param_names, **captured.buffer_names}
     sdpa_nodes = [n for n in captured.graph.nodes if n.op == "call_function" and n.target in _SDPA]
     qkv = _attention_projections(sdpa_nodes, linears)
     attentions: list[tuple[fx.Node, Attention]] = []
     claimed: set[fx.Node] = set()
+    reasons: dict[str, str] = {}
     for sdpa in sdpa_nodes:
         roles = qkv[sdpa]
         if set(roles) != {"q", "k", "v"}:
+            missing = [role for role in "qkv" if role not in roles]
+            reasons.update(dict.fromkeys((lin.path for lin, _, _ in roles.values()), (
+                f"the {'/'.join(missing)} input of attention {sdpa.name} comes from no linear through reshapes "
+                "and elementwise ops")))
             continue
         (q_lin, heads, q_rows), (k_lin, kv_heads, k_rows), (v_lin, v_heads, v_rows) = (
             roles["q"], roles["k"], roles["v"])
         head_dim = len(q_rows) // heads
         if v_heads != kv_heads or heads % kv_heads:
             continue
+        paths = [q_lin.path, k_lin.path, v_lin.path]
         out = _output_projection(sdpa, linears, heads, (_shape(sdpa) or (0,))[-1])
         if out is None:
+            reasons.update(dict.fromkeys(paths, f"no linear takes the output of attention {sdpa.name} through "
+                                                "reshapes only"))
             continue
         o_lin, o_cols = out
+        paths.append(o_lin.path)
+        blocker = _mask_blocker(sdpa, names) or next(
+            (why for (lin, count, rows), arg in zip((roles["q"], roles["k"], roles["v"]), sdpa.args[:3])
+             if (why := _head_blocker(lin, rows, count, arg, linears, names)) is not None), None)
+        if blocker is not None:
+            reasons.update(dict.fromkeys(paths, blocker))
+            continue
         attention = Attention(
             q=Projection(q_lin.path, _index_or_none(q_rows, q_lin.out_features), q_lin.conv1d),
             k=Projection(k_lin.path, _index_or_none(k_rows, k_lin.out_features), k_lin.conv1d),
@@ -405,9 +608,7 @@ def find_structure(captured: Captured) -> Structure:
             num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         )
         attentions.append((sdpa, attention))
-        for lin, role in ((q_lin, "q"), (k_lin, "k"), (v_lin, "v"), (o_lin, "o")):
-            lin.node.meta["fxsparse.role"] = RoleRecord(len(attentions) - 1, role, lin.path)
-            claimed.add(lin.node)
+        claimed.update((q_lin.node, k_lin.node, v_lin.node, o_lin.node))
     ffns: list[tuple[fx.Node, FFN]] = []
     for node, lin in linears.items():
         if node in claimed:
@@ -416,25 +617,19 @@ def find_structure(captured: Captured) -> Structure:
         if ffn is not None:
             ffns.append((node, ffn))
     blocks = _pair_blocks(attentions, ffns, linears)
-    for block in blocks:
-        if block.ffn is None:
-            continue
-        for role, proj in block.ffn.projections().items():
-            for node, lin in linears.items():
-                if lin.path == proj.path and "fxsparse.role" not in node.meta:
-                    node.meta["fxsparse.role"] = RoleRecord(block.index, role, proj.path)
-                    claimed.add(node)
     if not blocks:
         raise ValueError(
             f"no attention or FFN found in {type(captured.model).__name__}: no linear reaches "
             "scaled_dot_product_attention and no act(gate) * up -> down or act(up) -> down pattern exists"
+            + (f" ({next(iter(reasons.values()))})" if reasons else "")
         )
     paths = list(dict.fromkeys(lin.path for lin in linears.values()))
     placed = set()
     for block in blocks:
         placed.update(p.path for p in block.projections().values())
     unrecognized = [p for p in paths if p not in placed]
-    return Structure(blocks=blocks, unrecognized=unrecognized, linear_paths=paths)
+    return Structure(blocks=blocks, unrecognized=unrecognized, linear_paths=paths,
+                     reasons={p: why for p, why in reasons.items() if p in unrecognized})
 
 
 def _pair_blocks(attentions, ffns, linears) -> list[Block]:

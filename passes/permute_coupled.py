@@ -14,6 +14,11 @@ heads first). Beyond that no exact permutation exists, and the layer gathers the
 (``S2FTLinear`` handles both). :func:`plan_permutations` picks, per block, the candidate order that
 leaves the fewest non-contiguous runs.
 
+Which roles move together is read off the Structure records: an ``Attention`` couples q, k, v rows and
+o columns (query heads for q/o, KV heads for k/v), an ``FFN`` couples gate/up rows and down columns.
+Only the rows/columns that actually move are gathered; a role whose order is the identity is left alone
+and not counted as moved.
+
 >>> from fxsparse.models import tiny_model
 >>> import fxsparse, torch
 >>> model = tiny_model("llama")
@@ -21,8 +26,8 @@ leaves the fewest non-contiguous runs.
 >>> perms = {0: BlockPermutation(heads=(5, 4, 3, 2, 1, 0), kv_heads=(1, 0), channels=None)}
 >>> x = torch.arange(12).reshape(1, 12) % 96
 >>> before = model(x).logits
->>> apply_permutations(model, structure, perms).modified
-True
+>>> apply_permutations(model, structure, perms)
+4
 >>> torch.allclose(model(x).logits, before, atol=1e-5)
 True
 """
@@ -36,11 +41,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fxsparse.passes.manager import PassResult
+from fxsparse.passes.manager import PassResult, fxpass
 from fxsparse.plan import CHANNEL_ROLES, HEAD_ROLES, KV_ROLES, ROLE_DIM, Plan, unit_size
 from fxsparse.structure import Block, Projection, Structure
 
-__all__ = ["BlockPermutation", "plan_permutations", "apply_permutations", "permuted_module_indices", "runs"]
+__all__ = ["BlockPermutation", "permute_coupled", "plan_permutations", "apply_permutations",
+           "permuted_module_indices", "runs"]
 
 
 @dataclass(frozen=True)
@@ -165,37 +171,92 @@ def _dense_view(module: nn.Module, conv1d: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _permute_projection(module: nn.Module, proj: Projection, role: str, perm: Sequence[int], size: int):
+def _permute_projection(module: nn.Module, proj: Projection, role: str, perm: Sequence[int], size: int) -> bool:
+    """Fold ``perm`` (new unit i holds old unit ``perm[i]``) into ``module``; False if it is the identity."""
     positions = proj.all_indices(len(perm), size)
+    source = [positions[old * size + d] for old in perm for d in range(size)]
+    moved = [(dst, src) for dst, src in zip(positions, source) if dst != src]
+    if not moved:
+        return False
     weight = _dense_view(module, proj.conv1d)
     dim = ROLE_DIM[role]
-    # One full-length gather per tensor (identity outside this role's rows/columns) is far faster
-    # than advanced-index assignment on a strided view.
-    order = torch.arange(weight.shape[dim])
-    order[torch.tensor(positions)] = torch.tensor([positions[old * size + d] for old in perm for d in range(size)])
-    order = order.to(weight.device)
-    weight.copy_(weight.index_select(dim, order))
+    targets = torch.tensor([dst for dst, _ in moved], device=weight.device)
+    sources = torch.tensor([src for _, src in moved], device=weight.device)
+    # index_select copies the moving rows/columns first, so the in-place copy reads no overwritten value
+    weight.index_copy_(dim, targets, weight.index_select(dim, sources))
     bias = getattr(module, "bias", None)
     if dim == 0 and bias is not None:
-        bias.data.copy_(bias.data.index_select(0, order))
+        bias.data.index_copy_(0, targets, bias.data.index_select(0, sources))
+    return True
 
 
-def apply_permutations(model: nn.Module, structure: Structure, perms: dict[int, BlockPermutation],
-                       inverse: bool = False) -> PassResult:
-    """Fold ``perms`` into the weights of ``model`` in place (``inverse=True`` undoes them)."""
+def _moves(structure: Structure, perms: dict[int, BlockPermutation], inverse: bool):
     by_index = {block.index: block for block in structure.blocks}
-    moved = 0
     for b, perm in perms.items():
         block = by_index[b]
         for role, proj in block.projections().items():
             order = _role_perm(perm, role)
-            if order is None:
-                continue
-            if inverse:
-                order = _inverse(order)
-            _permute_projection(model.get_submodule(proj.path), proj, role, order, unit_size(block, role))
-            moved += 1
-    return PassResult(modified=moved > 0, info=f"permuted {moved} projections in {len(perms)} blocks")
+            if order is not None:
+                yield proj, role, (_inverse(order) if inverse else order), unit_size(block, role)
+
+
+def apply_permutations(model: nn.Module, structure: Structure, perms: dict[int, BlockPermutation],
+                       inverse: bool = False) -> int:
+    """Fold ``perms`` into the weights of ``model`` in place (``inverse=True`` undoes them).
+
+    Returns how many projections moved. All or nothing: if one projection fails, those already moved
+    are moved back before the error propagates.
+    """
+    return len(_apply(model, structure, perms, inverse))
+
+
+_Move = tuple[nn.Module, Projection, str, Sequence[int], int]
+
+
+def _apply(model: nn.Module, structure: Structure, perms: dict[int, BlockPermutation], inverse: bool) -> list[_Move]:
+    done: list[_Move] = []
+    try:
+        for proj, role, order, size in _moves(structure, perms, inverse):
+            module = model.get_submodule(proj.path)
+            if _permute_projection(module, proj, role, order, size):
+                done.append((module, proj, role, order, size))
+    except BaseException:
+        _restore(done)
+        raise
+    return done
+
+
+def _restore(done: list[_Move]) -> None:
+    """Move back what :func:`apply_permutations` moved, on the module objects it moved them in."""
+    for module, proj, role, order, size in reversed(done):
+        _permute_projection(module, proj, role, _inverse(order), size)
+
+
+@fxpass(reads=("model", "structure", "plan"), writes=("model", "perms"))
+def permute_coupled(model: nn.Module, structure: Structure, plan: Plan) -> PassResult:
+    """Co-permute each block's heads and channels so every role's selected units are contiguous.
+
+    Writes the permuted ``model`` (in place; exactly the same function) and ``perms`` (one
+    :class:`BlockPermutation` per block with selected units); ``undo`` moves the weights back.
+
+    >>> import fxsparse, torch
+    >>> from fxsparse.models import tiny_model
+    >>> from fxsparse.passes.select_units import choose_units
+    >>> model = tiny_model("llama")
+    >>> structure = fxsparse.inspect(model)
+    >>> x = torch.arange(9).reshape(1, 9)
+    >>> before = model(x).logits
+    >>> result = permute_coupled(model=model, structure=structure, plan=choose_units(structure, {"down": 0.1}))
+    >>> result.modified, torch.allclose(model(x).logits, before, atol=1e-5)
+    (True, True)
+    >>> result.undo()
+    >>> torch.equal(model(x).logits, before)
+    True
+    """
+    perms = plan_permutations(structure, plan)
+    done = _apply(model, structure, perms, inverse=False)
+    return PassResult(modified=bool(done), info=f"moved {len(done)} projections in {len(perms)} blocks",
+                      outputs={"model": model, "perms": perms}, undo=lambda: _restore(done))
 
 
 def permuted_module_indices(structure: Structure, plan: Plan, perms: dict[int, BlockPermutation]):

@@ -1,5 +1,8 @@
 """Pass: choose which heads and FFN channels S²FT trains, as a :class:`~fxsparse.plan.Plan`.
 
+:func:`select_units` is the pass (reads ``structure`` and ``model``, writes ``plan``);
+:func:`choose_units` is the selection itself, a plain function of a Structure.
+
 As in the S²FT paper, each role draws from *one pool across all chosen blocks*: for role ``r`` the
 pool is every ``(block, unit)`` of the chosen blocks, and ``round(ratio * len(pool))`` of them are
 picked, so blocks get different counts. Criteria:
@@ -12,12 +15,14 @@ picked, so blocks get different counts. Criteria:
 - ``"gradient"``: largest norm of the gradient of the unit's weight slice after an LM-loss backward on
   the ``calibration`` batches (``labels`` from the batch, else ``input_ids``).
 
-Ties are broken by (block, unit) order, so every criterion is deterministic.
+Ties are broken by (block, unit) order, so every criterion is deterministic. Scores are computed one
+tensor per module (a norm per row or column, summed per unit by one gather), with one host copy per
+role: no per-unit ``.item()`` (SmolLM2's down projections alone have 46k units, a 7B model 352k).
 
 >>> import fxsparse
 >>> from fxsparse.models import tiny_model
 >>> structure = fxsparse.inspect(tiny_model("llama"))
->>> plan = select_units(structure, {"o": 0.25, "down": 0.05}, seed=0)
+>>> plan = choose_units(structure, {"o": 0.25, "down": 0.05}, seed=0)
 >>> plan.count("o"), plan.count("down")       # 12 query heads, 160 channels in the pool
 (3, 8)
 """
@@ -32,13 +37,45 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsparse.passes.manager import PassResult, fxpass
 from fxsparse.plan import CRITERIA, ROLE_DIM, ROLES, Plan, arch_of, unit_count, unit_size
 from fxsparse.structure import Block, Structure
 
-__all__ = ["select_units"]
+__all__ = ["select_units", "choose_units"]
 
 
+@fxpass(reads=("structure", "model"), writes=("plan",),
+        options=("ratios", "select", "seed", "layers", "calibration", "plan"))
 def select_units(
+    structure: Structure,
+    model: nn.Module | None,
+    ratios: Mapping[str, float],
+    select: str = "random",
+    seed: int = 0,
+    layers: Sequence[int] | None = None,
+    calibration: Iterable[Mapping[str, Any]] | None = None,
+    plan: Plan | None = None,
+) -> PassResult:
+    """Pick the trained units (:func:`choose_units`), or check a given ``plan`` against the structure.
+
+    >>> import fxsparse
+    >>> from fxsparse.models import tiny_model
+    >>> model = tiny_model("llama")
+    >>> result = select_units(structure=fxsparse.inspect(model), model=model, ratios={"o": 0.25})
+    >>> result.outputs["plan"].count("o"), result.info
+    (3, 'selected o=3 (random)')
+    """
+    if plan is not None:
+        plan.check_structure(structure)
+        counts = ", ".join(f"{r}={plan.count(r)}" for r in ROLES if plan.count(r))
+        return PassResult(False, f"given plan: {counts or 'nothing'}", outputs={"plan": plan})
+    plan = choose_units(structure, ratios, select=select, seed=seed,
+                        layers=list(layers) if layers is not None else None, model=model, calibration=calibration)
+    counts = ", ".join(f"{r}={plan.count(r)}" for r in ROLES if plan.count(r))
+    return PassResult(False, f"selected {counts or 'nothing'} ({select})", outputs={"plan": plan})
+
+
+def choose_units(
     structure: Structure,
     ratios: Mapping[str, float],
     select: str = "random",
@@ -93,8 +130,9 @@ def select_units(
             order = torch.randperm(len(pool), generator=generator)[:count].tolist()
             chosen = [pool[i] for i in order]
         else:
-            ranked = sorted(range(len(pool)), key=lambda i: (-scores[role][i], pool[i]))
-            chosen = [pool[i] for i in ranked[:count]]
+            # a stable sort keeps pool order, i.e. (block, unit) order, among equal scores
+            ranked = torch.sort(scores[role], descending=True, stable=True).indices[:count].tolist()
+            chosen = [pool[i] for i in ranked]
         for b, u in chosen:
             units.setdefault(b, {}).setdefault(role, []).append(u)
     return Plan(units=units, ratios=dict(ratios), select=select, seed=seed, arch=arch,
@@ -135,34 +173,37 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     return weight.t() if type(module).__name__ == "Conv1D" else weight
 
 
-def _unit_slices(blocks: list[Block], role: str) -> list[tuple[str, list[int]]]:
-    """(module path, rows/columns) per pool entry, in pool order."""
-    slices = []
+def _unit_index(blocks: list[Block], role: str) -> list[tuple[str, torch.Tensor]]:
+    """Per block with ``role``, in pool order: (module path, rows/columns of each unit as (units, size))."""
+    groups = []
     for block in blocks:
         proj = block.projections().get(role)
-        size = unit_size(block, role)
-        for u in range(unit_count(block, role)):
-            slices.append((proj.path, proj.indices(u, size)))
-    return slices
+        if proj is None:
+            continue
+        units, size = unit_count(block, role), unit_size(block, role)
+        groups.append((proj.path, torch.tensor(proj.all_indices(units, size)).view(units, size)))
+    return groups
 
 
-def _weight_scores(model, blocks, roles, calibration) -> dict[str, list[float]]:
+def _unit_norms(squares: dict[str, torch.Tensor], groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """Norm of each unit's slice, from per-row (or per-column) sums of squares of its module."""
+    parts = [squares[path][index.to(squares[path].device)].sum(-1).sqrt().cpu() for path, index in groups]
+    return torch.cat(parts)
+
+
+def _weight_scores(model, blocks, roles, calibration) -> dict[str, torch.Tensor]:
     scores = {}
     with torch.no_grad():
         for role in roles:
             dim = ROLE_DIM[role]
-            weights: dict[str, torch.Tensor] = {}
-            values = []
-            for path, idx in _unit_slices(blocks, role):
-                if path not in weights:
-                    weights[path] = _dense_weight(model.get_submodule(path)).float()
-                part = weights[path].index_select(dim, torch.tensor(idx, device=weights[path].device))
-                values.append(part.norm().item())
-            scores[role] = values
+            groups = _unit_index(blocks, role)
+            squares = {path: _dense_weight(model.get_submodule(path)).double().square().sum(1 - dim)
+                       for path in dict.fromkeys(path for path, _ in groups)}
+            scores[role] = _unit_norms(squares, groups)
     return scores
 
 
-def _activation_scores(model, blocks, roles, calibration) -> dict[str, list[float]]:
+def _activation_scores(model, blocks, roles, calibration) -> dict[str, torch.Tensor]:
     # Mean |feature| per module and side, accumulated over every token of every batch.
     sums: dict[tuple[str, int], torch.Tensor] = {}
     counts: dict[tuple[str, int], int] = {}
@@ -175,7 +216,7 @@ def _activation_scores(model, blocks, roles, calibration) -> dict[str, list[floa
                 feature = args[0] if side == 1 else output
                 flat = feature.detach().float().abs().reshape(-1, feature.shape[-1])
                 key = (path, side)
-                sums[key] = sums.get(key, 0) + flat.sum(0)
+                sums[key] = sums.get(key, 0) + flat.sum(0).double()
                 counts[key] = counts.get(key, 0) + flat.shape[0]
         return hook
 
@@ -192,14 +233,15 @@ def _activation_scores(model, blocks, roles, calibration) -> dict[str, list[floa
     scores = {}
     for role in roles:
         side = ROLE_DIM[role]
-        scores[role] = [
-            (sums[(path, side)][idx].sum() / (counts[(path, side)] * len(idx))).item()
-            for path, idx in _unit_slices(blocks, role)
-        ]
+        parts = []
+        for path, index in _unit_index(blocks, role):
+            total = sums[(path, side)]
+            parts.append((total[index.to(total.device)].sum(-1) / (counts[(path, side)] * index.shape[1])).cpu())
+        scores[role] = torch.cat(parts)
     return scores
 
 
-def _gradient_scores(model, blocks, roles, calibration) -> dict[str, list[float]]:
+def _gradient_scores(model, blocks, roles, calibration) -> dict[str, torch.Tensor]:
     paths = sorted({block.projections()[role].path for block in blocks for role in roles
                     if role in block.projections()})
     weights = {path: _scored_parameter(model.get_submodule(path)) for path in paths}
@@ -227,10 +269,9 @@ def _gradient_scores(model, blocks, roles, calibration) -> dict[str, list[float]
     scores = {}
     for role in roles:
         dim = ROLE_DIM[role]
-        scores[role] = [
-            grads[path].index_select(dim, torch.tensor(idx, device=grads[path].device)).float().norm().item()
-            for path, idx in _unit_slices(blocks, role)
-        ]
+        groups = _unit_index(blocks, role)
+        squares = {path: grads[path].double().square().sum(1 - dim) for path in dict.fromkeys(p for p, _ in groups)}
+        scores[role] = _unit_norms(squares, groups)
     return scores
 
 

@@ -7,9 +7,11 @@ accumulation and distributed wrapper see an ordinary parameter. ``weight`` keeps
 shape with the trainable rows/columns set to zero, so ``x @ weight.T + (block path)`` is exactly the
 original layer.
 
-Backward goes through :class:`_S2FTFunction`, which saves only what the block's gradient needs: the
-selected input columns ``x[..., idx]`` for ``dim=1``, the full ``x`` for ``dim=0``, nothing when the
-block is frozen; it never forms a full-size weight gradient.
+Forward and backward run through the ``fxsparse::s2ft_*`` custom ops (:mod:`fxsparse.codegen.s2ft`:
+Triton kernels on CUDA that never spend work on the zeroed rows/columns, plain torch on CPU), so
+``torch.compile(fullgraph=True)`` traces the layer without a graph break. Backward saves only what the
+block's gradient needs: the selected input columns ``x[..., idx]`` for ``dim=1``, the full ``x`` for
+``dim=0``, nothing when the block is frozen; it never forms a full-size weight gradient.
 
 >>> import torch
 >>> from torch import nn
@@ -33,9 +35,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fxsparse.codegen.s2ft import index_lists, s2ft_multi_adapter
+from fxsparse.codegen.s2ft import s2ft_linear as _s2ft_op
 from fxsparse.layers import dense_module
 
-__all__ = ["S2FTLinear", "s2ft_linear"]
+__all__ = ["S2FTLinear", "s2ft_linear", "MultiAdapterLinear", "AdapterRouter"]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -50,74 +54,6 @@ def _contiguous_span(index: Sequence[int]) -> tuple[int, int] | None:
     return None
 
 
-def _take(t: torch.Tensor, span: tuple[int, int] | None, index: torch.Tensor) -> torch.Tensor:
-    """``t[..., index]`` along the last dim: a slice view for a contiguous span, a gather otherwise."""
-    if span is not None:
-        return t[..., span[0]:span[1]]
-    return t.index_select(-1, index)
-
-
-def _add_into(out: torch.Tensor, part: torch.Tensor, span: tuple[int, int] | None, index: torch.Tensor) -> None:
-    """``out[..., index] += part`` in place (``out`` is a fresh tensor owned by the caller)."""
-    if span is not None:
-        out[..., span[0]:span[1]] += part
-    else:
-        out.index_add_(-1, index, part)
-
-
-class _S2FTFunction(torch.autograd.Function):
-    """``y = x @ weight.T + bias`` plus the trainable block's rows (dim=0) or columns (dim=1)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, block, index, dim: int, span):
-        y = F.linear(x, weight, bias)
-        if dim == 1:
-            # A slice of the last dim is a strided view of x: one contiguous copy feeds the GEMM and is
-            # what backward keeps, so x itself can be freed.
-            # Under autocast y comes out in the autocast dtype: the block path follows it (and the saved
-            # slice is then stored in that, smaller, dtype).
-            x_sel = _take(x, span, index).to(y.dtype).contiguous()
-            y.view(-1, y.shape[-1]).addmm_(x_sel.view(-1, x_sel.shape[-1]), block.t().to(y.dtype))
-        else:
-            x_sel = None
-            _add_into(y, F.linear(x, block).to(y.dtype), span, index)
-        ctx.dim, ctx.span = dim, span
-        ctx.x_shape = x.shape
-        block_grad = ctx.needs_input_grad[3]
-        if block_grad and dim == 1:
-            saved_x = x_sel
-        elif block_grad:
-            saved_x = x.to(y.dtype)  # x itself, except under autocast (then its cast copy, as nn.Linear saves)
-        else:
-            saved_x = None
-        ctx.save_for_backward(saved_x, weight, block, index)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        saved_x, weight, block, index = ctx.saved_tensors
-        dim, span = ctx.dim, ctx.span
-        grad_x = grad_block = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ weight.to(grad_y.dtype)
-            if dim == 1:
-                _add_into(grad_x, grad_y @ block.to(grad_y.dtype), span, index)
-            else:
-                grad_x = grad_x + _take(grad_y, span, index) @ block.to(grad_y.dtype)
-        if ctx.needs_input_grad[3]:
-            in_features = ctx.x_shape[-1]
-            if dim == 1:
-                grad_out_2d = grad_y.reshape(-1, grad_y.shape[-1])
-                grad_block = grad_out_2d.t() @ saved_x.reshape(-1, saved_x.shape[-1]).to(grad_y.dtype)
-            else:
-                grad_sel = _take(grad_y, span, index)
-                grad_block = grad_sel.reshape(-1, grad_sel.shape[-1]).t() @ saved_x.reshape(-1, in_features)
-            grad_block = grad_block.to(block.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-        return grad_x, None, grad_bias, grad_block, None, None, None
-
-
 def s2ft_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -126,17 +62,22 @@ def s2ft_linear(
     index: torch.Tensor,
     dim: int,
     span: tuple[int, int] | None = None,
+    lists: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Functional form of :class:`S2FTLinear` (``weight`` is frozen: it gets no gradient).
 
     ``index`` is the sorted int64 tensor of trainable rows (``dim=0``) or columns (``dim=1``);
-    ``span=(start, stop)`` says it is that contiguous range, so slices replace gathers.
+    ``span=(start, stop)`` says it is that contiguous range, so slices replace gathers; ``lists`` the
+    int32 (selected, complement) positions (:func:`fxsparse.codegen.s2ft.index_lists`), computed here
+    when not given. Runs through the ``fxsparse::s2ft_linear`` op.
 
     >>> x, w, blk = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, 2)
     >>> s2ft_linear(x, w, None, blk, torch.tensor([1, 2]), dim=1, span=(1, 3)).shape
     torch.Size([3, 5])
     """
-    return _S2FTFunction.apply(x, weight, bias, block, index, dim, span)
+    sel, rest = lists if lists is not None else index_lists(index, weight.shape[dim])
+    start, stop = span if span is not None else (-1, -1)
+    return _s2ft_op(x, weight, bias, block, sel, rest, dim, start, stop)
 
 
 class S2FTLinear(nn.Module):
@@ -178,6 +119,17 @@ class S2FTLinear(nn.Module):
         self.block = nn.Parameter(torch.zeros(block_shape, **factory))
         self.register_buffer("index", torch.tensor(sorted_index, dtype=torch.int64, device=device))
         self._span = _contiguous_span(sorted_index)
+        # int32 selected/complement positions for the kernels: derived state, not saved with the model
+        self.register_buffer("_sel", torch.empty(0, dtype=torch.int32, device=device), persistent=False)
+        self.register_buffer("_rest", torch.empty(0, dtype=torch.int32, device=device), persistent=False)
+        self._refresh_lists(sorted_index)
+
+    def _refresh_lists(self, sorted_index: list[int]) -> None:
+        chosen = set(sorted_index)
+        size = self.out_features if self.dim == 0 else self.in_features
+        device = self.index.device
+        self._sel = torch.tensor(sorted_index, dtype=torch.int32, device=device)
+        self._rest = torch.tensor([i for i in range(size) if i not in chosen], dtype=torch.int32, device=device)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, dim: int, index: Sequence[int]) -> S2FTLinear:
@@ -215,7 +167,8 @@ class S2FTLinear(nn.Module):
                 "S2FTLinear.weight is frozen (only `block` trains); got weight.requires_grad=True. "
                 "Merge with to_linear() to train the dense weight."
             )
-        return _S2FTFunction.apply(x, self.weight, self.bias, self.block, self.index, self.dim, self._span)
+        start, stop = self._span if self._span is not None else (-1, -1)
+        return _s2ft_op(x, self.weight, self.bias, self.block, self._sel, self._rest, self.dim, start, stop)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -235,6 +188,7 @@ class S2FTLinear(nn.Module):
         index = self.index.tolist()
         if index:
             self._span = _contiguous_span(index)
+            self._refresh_lists(index)
 
     def extra_repr(self) -> str:
         kind = "rows" if self.dim == 0 else "columns"
@@ -261,3 +215,108 @@ def _check_index(index: Sequence[int], size: int, dim: int) -> list[int]:
         dupes = sorted({v for v in values if values.count(v) > 1})
         raise ValueError(f"index has duplicate entries {dupes}")
     return sorted(values)
+
+
+class AdapterRouter:
+    """Which adapter each batch row uses, shared by every :class:`MultiAdapterLinear` of one model.
+
+    ``row_ids`` holds one adapter number per batch row (-1: the base model) or is None (base model for
+    all rows). A batch whose row count is a multiple of ``len(row_ids)`` (``generate`` with beams or
+    ``num_return_sequences`` repeats each row in place) reuses each id for its copies.
+    """
+
+    def __init__(self) -> None:
+        self.row_ids: torch.Tensor | None = None
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def set(self, row_ids: torch.Tensor | None) -> None:
+        if row_ids is not None and bool((row_ids < 0).all()):
+            row_ids = None  # every row on the base model: plain linear layers
+        self.row_ids = row_ids
+        self._cache = {}
+
+    def token_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One adapter number per token of ``x`` (..., in_features), or None when no row has an adapter."""
+        if self.row_ids is None:
+            return None
+        lead = tuple(x.shape[:-1]) or (1,)
+        key = (lead, x.device)
+        ids = self._cache.get(key)
+        if ids is None:
+            rows, batch = self.row_ids, lead[0]
+            if batch != rows.numel():
+                if rows.numel() == 0 or batch % rows.numel():
+                    raise ValueError(f"adapter_ids has {rows.numel()} entries for a batch of {batch} rows")
+                rows = rows.repeat_interleave(batch // rows.numel())
+            per_row = x.numel() // max(1, x.shape[-1] * batch) if x.numel() else 0
+            ids = rows.to(x.device).repeat_interleave(per_row).to(torch.int32)
+            self._cache[key] = ids
+        return ids
+
+
+class MultiAdapterLinear(nn.Module):
+    """A frozen base linear (``nn.Linear`` or ``Conv1D``) that adds, per token, its adapter's S²FT delta.
+
+    ``deltas[a]`` is ``(dim, index, delta)`` for adapter ``a`` (or None when that adapter leaves this
+    module alone): ``index`` the adapter's rows (``dim=0``) or columns (``dim=1``) in the module's own
+    numbering, ``delta`` the trained block minus the base values there. Deltas are padded to the largest
+    count per kind and masked by count, so adapters with different numbers of rows/columns mix in one
+    batch. ``weight``/``bias`` are the base module's own parameters (the state dict is unchanged); the
+    computation runs through ``fxsparse::s2ft_multi_adapter``.
+
+    >>> base = nn.Linear(4, 3)
+    >>> layer = MultiAdapterLinear(base, [(1, torch.tensor([2]), torch.ones(3, 1))], AdapterRouter())
+    >>> x = torch.randn(2, 4)
+    >>> layer.router.set(torch.tensor([0, -1]))
+    >>> y = layer(x)
+    >>> torch.allclose(y[0], base(x[0]) + x[0, 2]), torch.allclose(y[1], base(x[1]))
+    (True, True)
+    """
+
+    def __init__(self, base: nn.Module, deltas: Sequence[tuple[int, torch.Tensor, torch.Tensor] | None],
+                 router: AdapterRouter):
+        super().__init__()
+        self.conv1d = _is_conv1d(base)
+        if not self.conv1d and not isinstance(base, nn.Linear):
+            raise ValueError(f"expected nn.Linear or Conv1D, got {type(base).__name__}")
+        self.weight = base.weight
+        self.bias = base.bias
+        object.__setattr__(self, "original", base)  # what unwrapping puts back (not a submodule)
+        object.__setattr__(self, "router", router)
+        dense = self.weight.detach().t() if self.conv1d else self.weight.detach()
+        self.out_features, self.in_features = dense.shape
+        n_adapters = len(deltas)
+        for dim, prefix in ((1, "col"), (0, "row")):
+            mine = [d if d is not None and d[0] == dim else None for d in deltas]
+            kmax = max((d[1].numel() for d in mine if d is not None), default=0)
+            shape = (n_adapters, self.out_features, kmax) if dim == 1 else (n_adapters, kmax, self.in_features)
+            delta = torch.zeros(shape, dtype=dense.dtype, device=dense.device)
+            index = torch.zeros((n_adapters, kmax), dtype=torch.int32, device=dense.device)
+            count = torch.zeros(n_adapters, dtype=torch.int32, device=dense.device)
+            for a, entry in enumerate(mine):
+                if entry is None:
+                    continue
+                _, idx, values = entry
+                k = idx.numel()
+                if dim == 1:
+                    delta[a, :, :k] = values
+                else:
+                    delta[a, :k] = values
+                index[a, :k] = idx.to(torch.int32)
+                count[a] = k
+            self.register_buffer(f"{prefix}_delta", delta, persistent=False)
+            self.register_buffer(f"{prefix}_index", index, persistent=False)
+            self.register_buffer(f"{prefix}_count", count, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.t() if self.conv1d else self.weight
+        ids = self.router.token_ids(x)
+        if ids is None:
+            return F.linear(x, weight, self.bias)
+        return s2ft_multi_adapter(x, weight, self.bias, ids, self.col_delta, self.col_index, self.col_count,
+                                  self.row_delta, self.row_index, self.row_count)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"adapters={self.col_count.numel()}, columns<={self.col_delta.shape[-1]}, "
+                f"rows<={self.row_delta.shape[1]}")

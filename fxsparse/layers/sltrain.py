@@ -5,25 +5,31 @@ sparse values ``values`` (nnz,) of ``S``, whose support is fixed at construction
 seed) and stored as int32 buffers. Two support layouts:
 
 - ``"random"``: ``nnz = round(sparsity * out * in)`` entries drawn uniformly without replacement, stored
-  as int32 CSR (``support_crow`` (out + 1,), ``support_col`` (nnz,)): **4 bytes per non-zero** plus 4 bytes
-  per output row (the reference stores 16 bytes per non-zero: two int64 indices).
+  as int32 CSR (``support_crow`` (out + 1,), ``support_col`` (nnz,)): **4 bytes per non-zero** in the state
+  dict plus 4 bytes per output row (the reference stores 16 bytes per non-zero: two int64 indices). In
+  memory the layer also holds the transposed CSR that ``dx`` reads (int32 ``_t_row`` and ``_t_perm`` per
+  non-zero, ``_t_crow`` per input column), rebuilt from the persistent buffers: 12 bytes per non-zero
+  held in all, against the reference's 16.
 - ``"block"``: ``round(sparsity * out * in / block_size**2)`` tiles of ``block_size x block_size`` drawn
   uniformly among the tiles that lie fully inside the weight (rows/columns past the last multiple of
-  ``block_size`` carry no tiles), stored as int32 tile coordinates (``tile_row``, ``tile_col``):
-  ``8 / block_size**2`` bytes per non-zero. ``values`` holds the tiles one after another, row-major.
+  ``block_size`` carry no tiles), stored as int32 tile coordinates (``tile_row``, ``tile_col``) sorted by
+  block-row: ``8 / block_size**2`` bytes per non-zero in the state dict; in memory also a row and a column
+  pointer and the column-major tile order (int32), ``12 / block_size**2`` bytes per non-zero in all.
+  ``values`` holds the tiles one after another, row-major.
 
 Training never builds an ``out x in`` tensor: the forward is ``(x @ A.T) @ B.T * scale + x @ S.T``, the
 backward takes dB and dA from the rank-r activation, dS only on the support (a sampled dense-dense
-product), and dx through the factors and ``S.T``. Only ``x`` and ``x @ A.T`` are saved for backward.
-On CPU the random layout runs on MKL sparse CSR kernels (SpMM and ``sampled_addmm``, about 14 GFLOP/s
-per core at the 350M FFN shape); the block layout gathers the tiles' input rows and runs one batched GEMM
-over the tiles (``block_size`` 32 is about 2x faster than 16 there: fewer, larger tile products). bf16 /
-fp16 work; on CPU the random layout's sparse products then run in float32 (MKL has no bf16 CSR kernels).
-Under autocast the layer runs in the autocast dtype.
+product), and dx through the factors and ``S.T``. Only ``x`` and ``x @ A.T`` (times ``scale``) are saved
+for backward. The forward and backward are the ``torch.library`` ops of :mod:`fxsparse.codegen.sltrain`
+(Triton kernels on CUDA, a plain torch composition on CPU: MKL sparse CSR kernels for the random layout,
+one small GEMM per tile for the block layout), so ``torch.compile(model, fullgraph=True)`` traces the
+layer without a graph break. bf16 / fp16 work; on CPU the random layout's sparse products then run in
+float32 (MKL has no bf16 CSR kernels). Under autocast the layer runs in the autocast dtype.
 
-Measured on the 2-core development CPU, one thread, CPU time, one layer forward + backward at 1024
-tokens, rank 256, sparsity 0.03 (``benchmarks/bench_sltrain_block.py`` has the whole-block step):
-1024 x 2736: dense 187 ms, random 111 ms, block-32 93 ms, low-rank alone 72 ms.
+Measured with ``benchmarks/bench_sltrain_block.py`` (350M-shaped LLaMA block, 1024 tokens, rank 256,
+density 0.03, one training step against the dense block in the same run) on the 2-core development CPU
+(AMD EPYC, Zen 4), 2 threads, median of 3 quiet runs: random 0.76x dense, block-16 0.67x, block-32 0.59x
+(the autograd Functions these ops replaced, run alternately with them: 0.78x, 0.72x, 0.68x).
 
 >>> import torch
 >>> layer = SLTrainLinear(64, 48, rank=8, sparsity=0.05, alpha=16.0, seed=0)
@@ -36,11 +42,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 
 import torch
 from torch import nn
 
+from fxsparse.codegen.sltrain import sltrain_block, sltrain_random, tile_pointers, transpose_csr
 from fxsparse.layers import dense_module
 
 __all__ = [
@@ -53,9 +59,6 @@ __all__ = [
 ]
 
 SUPPORTS = ("random", "block")
-
-# torch warns once per process that CSR is "beta"; the CSR ops used here (SpMM, sampled_addmm) are stable.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # Above this many weight entries a full randperm costs more memory (8 bytes per entry) than rejection
 # sampling of the support does; below it randperm is the simplest exact uniform draw.
@@ -103,117 +106,10 @@ def block_support(out_features: int, in_features: int, tiles: int, block_size: i
     return (flat // grid_cols).to(torch.int32), (flat % grid_cols).to(torch.int32)
 
 
-def _tile_gather_index(tile: torch.Tensor, block_size: int) -> torch.Tensor:
+def _tile_index(tile: torch.Tensor, block_size: int) -> torch.Tensor:
     """Row (or column) of the weight of every tile entry along one axis: (tiles * block_size,) int64."""
     offsets = torch.arange(block_size, device=tile.device)
     return (tile.long()[:, None] * block_size + offsets).reshape(-1)
-
-
-def _csr(crow, col, values, size) -> torch.Tensor:
-    """A CSR matrix for MKL/cuSPARSE; on CPU, MKL has no bf16/fp16 kernels, so those run in float32."""
-    if values.device.type == "cpu" and values.dtype not in (torch.float32, torch.float64):
-        values = values.float()
-    return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
-
-
-def _like(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """``dense`` in the dtype of ``sparse``'s values (a no-op unless the float32 CPU fallback is active)."""
-    return dense if dense.dtype == sparse.dtype else dense.to(sparse.dtype)
-
-
-class _RandomSupportFn(torch.autograd.Function):
-    """y = (x @ A.T) @ B.T * scale + x @ S.T (+ bias), S in CSR on a fixed random support."""
-
-    @staticmethod
-    def forward(ctx, x, A, B, values, bias, crow, col, t_crow, t_row, t_perm, scale):
-        x2 = x.reshape(-1, x.shape[-1])
-        out_features, in_features = B.shape[0], A.shape[1]
-        h = x2 @ A.t()
-        if values.numel() > 0:
-            S = _csr(crow, col, values, (out_features, in_features))
-            # (out, T) result: MKL's CSR @ dense is fastest with a row-major dense operand (x.T contiguous)
-            y_t = (S @ _like(S, x2.t().contiguous())).to(x2.dtype)
-        else:
-            y_t = x2.new_zeros(out_features, x2.shape[0])
-        if bias is not None:
-            y_t.add_(bias[:, None])
-        y = torch.addmm(y_t.t(), h, B.t(), alpha=scale)
-        ctx.save_for_backward(x, h, A, B, values, crow, col, t_crow, t_row, t_perm)
-        ctx.scale = scale
-        ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], out_features)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, h, A, B, values, crow, col, t_crow, t_row, t_perm = ctx.saved_tensors
-        scale = ctx.scale
-        out_features, in_features = B.shape[0], A.shape[1]
-        x2 = x.reshape(-1, in_features)
-        dy_t = dy.reshape(-1, out_features).t().contiguous()  # (out, T)
-        dh = (dy_t.t() @ B).mul_(scale)
-        dB = (dy_t @ h).mul_(scale)
-        dA = dh.t() @ x2
-        dx = None
-        if values.numel() > 0:
-            S = _csr(crow, col, values, (out_features, in_features))
-            dvalues = torch.sparse.sampled_addmm(S, _like(S, dy_t), _like(S, x2), beta=0.0).values()
-            dvalues = dvalues.to(values.dtype)
-            if ctx.needs_input_grad[0]:
-                S_t = _csr(t_crow, t_row, values[t_perm], (in_features, out_features))
-                dx = torch.addmm((S_t @ _like(S, dy_t)).to(dh.dtype).t(), dh, A).reshape(x.shape)
-        else:
-            dvalues = torch.zeros_like(values)
-            dx = (dh @ A).reshape(x.shape) if ctx.needs_input_grad[0] else None
-        dbias = dy_t.sum(1) if ctx.has_bias else None
-        return dx, dA, dB, dvalues, dbias, None, None, None, None, None, None
-
-
-class _BlockSupportFn(torch.autograd.Function):
-    """y = (x @ A.T) @ B.T * scale + x @ S.T (+ bias), S made of block_size x block_size tiles."""
-
-    @staticmethod
-    def forward(ctx, x, A, B, values, bias, row_index, col_index, block_size, scale):
-        x2 = x.reshape(-1, x.shape[-1])
-        out_features = B.shape[0]
-        tiles = values.numel() // (block_size * block_size)
-        tokens = x2.shape[0]
-        h = x2 @ A.t()
-        # Work in the transposed (features, tokens) domain: gathering and scattering whole rows of
-        # length T are contiguous copies, and each tile product is one (bs x bs) @ (bs x T) GEMM.
-        x_tiles = x2.t().contiguous().index_select(0, col_index).view(tiles, block_size, tokens)
-        tile_out = torch.bmm(values.view(tiles, block_size, block_size), x_tiles)
-        y_t = x2.new_zeros(out_features, tokens)
-        y_t.index_add_(0, row_index, tile_out.view(-1, tokens))
-        if bias is not None:
-            y_t.add_(bias[:, None])
-        y = torch.addmm(y_t.t(), h, B.t(), alpha=scale)
-        ctx.save_for_backward(x, h, A, B, values, row_index, col_index)
-        ctx.scale, ctx.block_size, ctx.has_bias = scale, block_size, bias is not None
-        return y.reshape(*x.shape[:-1], out_features)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, h, A, B, values, row_index, col_index = ctx.saved_tensors
-        scale, block_size = ctx.scale, ctx.block_size
-        out_features, in_features = B.shape[0], A.shape[1]
-        tiles = values.numel() // (block_size * block_size)
-        x2 = x.reshape(-1, in_features)
-        tokens = x2.shape[0]
-        dy_t = dy.reshape(-1, out_features).t().contiguous()  # (out, T)
-        dh = (dy_t.t() @ B).mul_(scale)
-        dB = (dy_t @ h).mul_(scale)
-        dA = dh.t() @ x2
-        x_tiles = x2.t().contiguous().index_select(0, col_index).view(tiles, block_size, tokens)
-        dy_tiles = dy_t.index_select(0, row_index).view(tiles, block_size, tokens)
-        dvalues = torch.bmm(dy_tiles, x_tiles.transpose(1, 2)).view(-1)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx_tiles = torch.bmm(values.view(tiles, block_size, block_size).transpose(1, 2), dy_tiles)
-            dx_t = x2.new_zeros(in_features, tokens)
-            dx_t.index_add_(0, col_index, dx_tiles.view(-1, tokens))
-            dx = torch.addmm(dx_t.t(), dh, A).reshape(x.shape)
-        dbias = dy_t.sum(1) if ctx.has_bias else None
-        return dx, dA, dB, dvalues, dbias, None, None, None, None
 
 
 def sltrain_linear(x: torch.Tensor, layer: SLTrainLinear) -> torch.Tensor:
@@ -221,7 +117,7 @@ def sltrain_linear(x: torch.Tensor, layer: SLTrainLinear) -> torch.Tensor:
     A, B, values, bias = layer.A, layer.B, layer.values, layer.bias
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
-        # autocast would pick a dtype per op inside the Function; run it in the autocast dtype instead
+        # autocast would pick a dtype per op inside the kernels; run the whole layer in the autocast dtype
         dtype = torch.get_autocast_dtype(device_type)
         x, A, B, values = (t.to(dtype) for t in (x, A, B, values))
         bias = bias.to(dtype) if bias is not None else None
@@ -232,13 +128,10 @@ def sltrain_linear(x: torch.Tensor, layer: SLTrainLinear) -> torch.Tensor:
 
 def _apply(layer: SLTrainLinear, x, A, B, values, bias) -> torch.Tensor:
     if layer.support == "block":
-        return _BlockSupportFn.apply(
-            x, A, B, values, bias, layer._row_index, layer._col_index, layer.block_size, layer.scale
-        )
-    return _RandomSupportFn.apply(
-        x, A, B, values, bias, layer.support_crow, layer.support_col, layer._t_crow, layer._t_row,
-        layer._t_perm, layer.scale,
-    )
+        return sltrain_block(x, A, B, values, bias, layer.tile_row, layer.tile_col, layer._tile_ptr,
+                             layer._t_tile_ptr, layer._t_tile_perm, layer.block_size, layer.scale)
+    return sltrain_random(x, A, B, values, bias, layer.support_crow, layer.support_col, layer._t_crow,
+                          layer._t_row, layer._t_perm, layer.scale)
 
 
 class SLTrainLinear(nn.Module):
@@ -302,28 +195,28 @@ class SLTrainLinear(nn.Module):
         self.values = nn.Parameter(values)
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self._derive_support()
-        self.register_load_state_dict_post_hook(lambda module, _: module._derive_support())
+        # a function, not a lambda: the module must stay picklable (torch.save(model))
+        self.register_load_state_dict_post_hook(SLTrainLinear._after_load)
         if device is not None:
             self.to(device)
 
     def _derive_support(self) -> None:
-        """Index tensors the kernels need, rebuilt from the persistent support (also after loading)."""
+        """Index tensors the kernels need (int32), rebuilt from the persistent support (also after loading)."""
         if self.support == "random":
-            crow, col = self.support_crow, self.support_col
-            rows = torch.repeat_interleave(
-                torch.arange(self.out_features, device=crow.device), crow.long().diff()
-            )
-            # the transposed CSR (S.T) for dx = dy @ S: same non-zeros, ordered by (col, row)
-            perm = torch.argsort(col.long() * self.out_features + rows)
-            t_crow = torch.zeros(self.in_features + 1, dtype=torch.long, device=crow.device)
-            t_crow[1:] = torch.bincount(col.long(), minlength=self.in_features).cumsum(0)
-            self.register_buffer("_t_perm", perm, persistent=False)
-            self.register_buffer("_t_row", rows[perm].to(torch.int32), persistent=False)
-            self.register_buffer("_t_crow", t_crow.to(torch.int32), persistent=False)
+            t_crow, t_row, t_perm = transpose_csr(self.support_crow, self.support_col, self.in_features)
+            self.register_buffer("_t_crow", t_crow, persistent=False)
+            self.register_buffer("_t_row", t_row, persistent=False)
+            self.register_buffer("_t_perm", t_perm, persistent=False)
         else:
-            bs = self.block_size
-            self.register_buffer("_row_index", _tile_gather_index(self.tile_row, bs), persistent=False)
-            self.register_buffer("_col_index", _tile_gather_index(self.tile_col, bs), persistent=False)
+            ptr, t_ptr, t_perm = tile_pointers(self.tile_row, self.tile_col, self.out_features, self.in_features,
+                                               self.block_size)
+            self.register_buffer("_tile_ptr", ptr, persistent=False)
+            self.register_buffer("_t_tile_ptr", t_ptr, persistent=False)
+            self.register_buffer("_t_tile_perm", t_perm, persistent=False)
+
+    @staticmethod
+    def _after_load(module: SLTrainLinear, incompatible_keys) -> None:
+        module._derive_support()
 
     @property
     def nnz(self) -> int:
@@ -366,8 +259,8 @@ class SLTrainLinear(nn.Module):
             )
             return rows, self.support_col.long()
         bs = self.block_size
-        rows = self._row_index.view(-1, bs, 1).expand(-1, bs, bs)
-        cols = self._col_index.view(-1, 1, bs).expand(-1, bs, bs)
+        rows = _tile_index(self.tile_row, bs).view(-1, bs, 1).expand(-1, bs, bs)
+        cols = _tile_index(self.tile_col, bs).view(-1, 1, bs).expand(-1, bs, bs)
         return rows.reshape(-1), cols.reshape(-1)
 
     @torch.no_grad()

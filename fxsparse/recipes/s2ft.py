@@ -1,13 +1,18 @@
-"""The S²FT recipe: select units, co-permute them together, replace projections, fuse gated FFNs.
+"""The S²FT recipe: select units, co-permute them together, replace projections, check the function.
 
-Passes, in order (each a function of the shared :class:`S2FTState`):
+Passes, in order (``python -m fxsparse.passes --list`` prints what each reads and writes):
 
-1. ``select`` — :func:`fxsparse.passes.select_units.select_units` picks heads/channels (a Plan);
-2. ``permute`` — :mod:`fxsparse.passes.permute_coupled` folds a co-permutation into the weights so each
-   projection's selected units are contiguous (exact under GQA; see that module);
-3. ``replace`` — each selected projection becomes an :class:`~fxsparse.layers.s2ft.S2FTLinear` whose
-   trainable block is a real ``nn.Parameter``; everything else is frozen;
-4. ``fuse`` — gated FFNs run through one autograd function that saves gate and up only.
+1. ``capture_graph``, ``find_structure`` — the graph and the heads/channels in it;
+2. ``record_reference`` — the small example's outputs before anything changes (``verify``);
+3. ``select_units`` — which heads/channels train (a Plan; or the given ``plan``, checked);
+4. ``permute_coupled`` — a co-permutation folded into the weights so each projection's selected units
+   are contiguous (exact under GQA);
+5. ``replace_s2ft`` — each selected projection becomes an :class:`~fxsparse.layers.s2ft.S2FTLinear`
+   whose trainable block is a real ``nn.Parameter``; everything else is frozen;
+6. ``recompute_gated_act`` — gated FFNs keep gate and up for backward and recompute ``act(gate)``;
+7. ``check_function`` — the transformed model must compute what the original did, attention by
+   attention and FFN by FFN, within the tolerance of the model's dtype; if not, the error names the
+   unit and ``transform`` leaves the model exactly as it was.
 
 ``merge`` reverses all of it: plain ``nn.Linear`` (or ``Conv1D``) modules, the original module objects
 around them, the permutation undone, the trained values in place.
@@ -17,7 +22,7 @@ around them, the permutation undone, the trained values in place.
 >>> model = tiny_model("llama")
 >>> x = torch.arange(10).reshape(1, 10)
 >>> before = model(x).logits
->>> model = fxsparse.transform(model, "s2ft", ratios={"o": 0.25, "down": 0.1}, seed=0)
+>>> model = fxsparse.transform(model, S2FTConfig(ratios={"o": 0.25, "down": 0.1}, seed=0))
 >>> bool(torch.allclose(model(x).logits, before, atol=1e-5))
 True
 >>> model = fxsparse.merge(model)
@@ -28,28 +33,25 @@ True
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from fxsparse.layers.fused_ffn import FusedGatedFFN
-from fxsparse.layers.s2ft import S2FTLinear
-from fxsparse.passes.fuse_gated_ffn import fuse_gated_ffn
-from fxsparse.passes.manager import PassManager, PassResult
-from fxsparse.passes.permute_coupled import (
-    BlockPermutation,
-    apply_permutations,
-    permuted_module_indices,
-    plan_permutations,
-)
+from fxsparse.passes.capture_graph import capture_graph
+from fxsparse.passes.check_function import check_function
+from fxsparse.passes.find_structure import find_structure
+from fxsparse.passes.permute_coupled import BlockPermutation, apply_permutations, permute_coupled
+from fxsparse.passes.recompute_gated_act import recompute_gated_act
+from fxsparse.passes.record_reference import record_reference
+from fxsparse.passes.replace_s2ft import replace_s2ft
 from fxsparse.passes.select_units import select_units
 from fxsparse.plan import CRITERIA, ROLES, Plan
-from fxsparse.recipes import register_recipe
+from fxsparse.recipes import Recipe, register_recipe
 from fxsparse.structure import Structure
 
-__all__ = ["S2FTConfig", "S2FTRecipe", "S2FTState", "DEFAULT_RATIOS", "s2ft_state"]
+__all__ = ["S2FTConfig", "S2FTState", "S2FT", "DEFAULT_RATIOS", "s2ft_state", "merge_s2ft"]
 
 # The paper's LLaMA-2 setting: 5.2% of O's heads and 2% of down's channels.
 DEFAULT_RATIOS = {"o": 0.052, "down": 0.02}
@@ -57,13 +59,15 @@ DEFAULT_RATIOS = {"o": 0.052, "down": 0.02}
 
 @dataclass(frozen=True)
 class S2FTConfig:
-    """Options of ``fxsparse.transform(model, "s2ft", **options)``.
+    """Options of ``fxsparse.transform(model, "s2ft", **options)`` (or ``transform(model, S2FTConfig(...))``).
 
     ``ratios``: fraction of units trained per projection (keys q, k, v, o, gate, up, down); ``select``:
-    random | weight | activation | gradient; ``calibration``: batches for the data-driven criteria;
-    ``layers``: which blocks may get units (default all); ``plan``: reuse a Plan (or its dict) instead of
-    selecting; ``fuse_ffn``: run gated FFNs through the fused op; ``verify``: check after every pass
-    that the model still computes the same logits on the example input.
+    random | weight | activation | gradient; ``calibration``: batches for the data-driven criteria (used
+    during ``transform`` only, not kept); ``layers``: which blocks may get units (default all); ``plan``:
+    reuse a Plan (or its dict) instead of selecting; ``recompute_act``: gated FFNs recompute
+    ``act(gate)`` in backward, saving one (tokens x channels) tensor per block for some elementwise
+    work; ``verify``: check that the transformed model computes the same function on the small example
+    (on by default; see ``fxsparse.passes.check_function`` for the tolerances per dtype).
     """
 
     ratios: Mapping[str, float] | None = None
@@ -72,8 +76,8 @@ class S2FTConfig:
     layers: Sequence[int] | None = None
     calibration: Sequence[Mapping[str, Any]] | None = None
     plan: Plan | Mapping[str, Any] | None = None
-    fuse_ffn: bool = True
-    verify: bool = False
+    recompute_act: bool = True
+    verify: bool = True
 
     def __post_init__(self):
         ratios = dict(DEFAULT_RATIOS if self.ratios is None else self.ratios)
@@ -89,22 +93,24 @@ class S2FTConfig:
             raise ValueError(f"select={self.select!r} needs calibration batches (calibration=[{{'input_ids': ...}}])")
         if self.plan is not None and not isinstance(self.plan, Plan):
             object.__setattr__(self, "plan", Plan.from_dict(dict(self.plan)))
+        for flag in ("recompute_act", "verify"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
 
 
 @dataclass
 class S2FTState:
-    """What the passes share and what ``merge``/adapters need later (kept as ``model._fxsparse_s2ft``)."""
+    """What ``merge`` and adapters need after ``transform`` (kept as ``model._fxsparse_s2ft``).
 
-    model: nn.Module
+    Only the selection and the bookkeeping to undo it: no config, calibration batches or example inputs.
+    """
+
     structure: Structure
-    config: S2FTConfig
-    example_inputs: Any = None
-    plan: Plan | None = None
-    perms: dict[int, BlockPermutation] = field(default_factory=dict)
-    # path -> (dim, rows after permutation, original row of each)
-    replaced: dict[str, tuple[int, list[int], list[int]]] = field(default_factory=dict)
-    fused_owners: dict[str, nn.Module] = field(default_factory=dict)
-    requires_grad: dict[str, bool] = field(default_factory=dict)
+    plan: Plan
+    perms: dict[int, BlockPermutation]
+    replaced: dict[str, tuple[int, list[int], list[int]]]  # path -> (dim, rows after permutation, original rows)
+    recomputed: dict[str, nn.Module]  # owner path -> the original gated FFN module
+    requires_grad: dict[str, bool]  # parameter name -> flag before transform
 
 
 def s2ft_state(model: nn.Module) -> S2FTState:
@@ -114,114 +120,37 @@ def s2ft_state(model: nn.Module) -> S2FTState:
     return state
 
 
-def _select(state: S2FTState) -> PassResult:
-    cfg = state.config
-    if cfg.plan is not None:
-        cfg.plan.check_structure(state.structure)
-        state.plan = cfg.plan
-        return PassResult(False, f"reused plan ({sum(len(r) for r in cfg.plan.units.values())} roles)")
-    state.plan = select_units(state.structure, cfg.ratios, select=cfg.select, seed=cfg.seed,
-                              layers=list(cfg.layers) if cfg.layers is not None else None,
-                              model=state.model, calibration=cfg.calibration)
-    counts = ", ".join(f"{r}={state.plan.count(r)}" for r in ROLES if state.plan.count(r))
-    return PassResult(False, f"selected {counts or 'nothing'}")
+def _finish(model: nn.Module, context: Mapping[str, Any]) -> None:
+    model._fxsparse_s2ft = S2FTState(
+        structure=context["structure"], plan=context["plan"], perms=context["perms"],
+        replaced=context["replaced"], recomputed=context["recomputed"],
+        requires_grad=context["requires_grad_before"],
+    )
 
 
-def _permute(state: S2FTState) -> PassResult:
-    state.perms = plan_permutations(state.structure, state.plan)
-    return apply_permutations(state.model, state.structure, state.perms)
+@torch.no_grad()
+def merge_s2ft(model: nn.Module) -> nn.Module:
+    """Write the trained blocks back, undo the permutation and the module swaps (in place)."""
+    state = s2ft_state(model)
+    for owner_path, original in state.recomputed.items():
+        recomputing = model.get_submodule(owner_path)
+        for name in recomputing._names:
+            setattr(original, name, getattr(recomputing, name))
+        model.set_submodule(owner_path, original)
+    for path in state.replaced:
+        model.set_submodule(path, model.get_submodule(path).to_linear())
+    apply_permutations(model, state.structure, state.perms, inverse=True)
+    for name, param in model.named_parameters():
+        param.requires_grad_(state.requires_grad.get(name, True))
+    del model._fxsparse_s2ft
+    return model
 
 
-def _replace(state: S2FTState) -> PassResult:
-    by_path: dict[str, tuple[int, list[int], list[int]]] = {}
-    for (block, role), (path, dim, rows, origin) in permuted_module_indices(
-            state.structure, state.plan, state.perms).items():
-        if path in by_path:
-            # fused projections: q and v rows of one qkv linear train as one block of rows
-            prev_dim, prev_rows, prev_origin = by_path[path]
-            if prev_dim != dim:
-                raise ValueError(f"{path} would train rows and columns at once (block {block}, {role})")
-            pairs = sorted(set(zip(prev_rows + rows, prev_origin + origin)))
-            by_path[path] = (dim, [p for p, _ in pairs], [o for _, o in pairs])
-        else:
-            by_path[path] = (dim, rows, origin)
-    state.requires_grad = {name: p.requires_grad for name, p in state.model.named_parameters()}
-    for param in state.model.parameters():
-        param.requires_grad_(False)
-    for path, (dim, rows, origin) in by_path.items():
-        layer = S2FTLinear.from_linear(state.model.get_submodule(path), dim=dim, index=rows)
-        state.model.set_submodule(path, layer)
-        state.replaced[path] = (dim, rows, origin)
-    return PassResult(bool(by_path), f"replaced {len(by_path)} projections")
-
-
-def _fuse(state: S2FTState) -> PassResult:
-    if not state.config.fuse_ffn:
-        return PassResult(False, "fusion off")
-    owners = {}
-    for block in state.structure.blocks:
-        if block.ffn is not None and block.ffn.gate is not None:
-            owner = block.ffn.down.path.rpartition(".")[0]
-            if owner:
-                owners[owner] = state.model.get_submodule(owner)
-    result = fuse_gated_ffn(state.model, state.structure)
-    state.fused_owners = {p: m for p, m in owners.items()
-                          if isinstance(state.model.get_submodule(p), FusedGatedFFN)}
-    return result
-
-
-class S2FTRecipe:
-    """Registered as ``"s2ft"``; see the module docstring."""
-
-    name = "s2ft"
-    config_cls = S2FTConfig
-    passes = (_select, _permute, _replace, _fuse)
-
-    def apply(self, model: nn.Module, structure: Structure, config: S2FTConfig, example_inputs=None) -> nn.Module:
-        state = S2FTState(model=model, structure=structure, config=config, example_inputs=example_inputs)
-        verify = _logit_checker(model, example_inputs) if config.verify else None
-        PassManager(self.passes, verify=verify).run(state)
-        model._fxsparse_s2ft = state
-        return model
-
-    @torch.no_grad()
-    def merge(self, model: nn.Module) -> nn.Module:
-        state = s2ft_state(model)
-        for owner_path, original in state.fused_owners.items():
-            fused = model.get_submodule(owner_path)
-            for name in fused._names:
-                setattr(original, name, getattr(fused, name))
-            model.set_submodule(owner_path, original)
-        for path in state.replaced:
-            model.set_submodule(path, model.get_submodule(path).to_linear())
-        apply_permutations(model, state.structure, state.perms, inverse=True)
-        for name, param in model.named_parameters():
-            param.requires_grad_(state.requires_grad.get(name, True))
-        del model._fxsparse_s2ft
-        return model
-
-
-def _logit_checker(model: nn.Module, example_inputs):
-    """A verify hook for the pass manager: the logits on the example input must not change."""
-    from fxsparse.capture import _normalise_inputs
-
-    args, kwargs = _normalise_inputs(model, example_inputs)
-    with torch.no_grad():
-        reference = _logits(model(*args, **kwargs))
-
-    def verify(state: S2FTState) -> None:
-        with torch.no_grad():
-            got = _logits(state.model(*args, **kwargs))
-        scale = reference.abs().max().clamp_min(1e-12)
-        error = ((got - reference).abs().max() / scale).item()
-        if error > 1e-5:
-            raise AssertionError(f"model output changed (max relative error {error:.2e})")
-
-    return verify
-
-
-def _logits(output) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
-
-
-register_recipe(S2FTRecipe())
+S2FT = register_recipe(Recipe(
+    name="s2ft",
+    config_cls=S2FTConfig,
+    passes=(capture_graph, find_structure, record_reference, select_units, permute_coupled, replace_s2ft,
+            recompute_gated_act, check_function),
+    merge=merge_s2ft,
+    finish=_finish,
+))

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+import fxsparse
 from fxsparse.layers.s2ft import S2FTLinear, s2ft_linear
 from fxsparse.memory import saved_activation_bytes
+from fxsparse.models import tiny_model
 
 # Index sets: contiguous (slice path) and scattered (gather path), for rows and columns.
 IN_FEATURES, OUT_FEATURES = 42, 24
@@ -152,7 +154,7 @@ def test_cpu_autocast_bfloat16(dim):
 def test_saved_for_backward_is_exactly_what_the_block_needs(dim, kind):
     layer = S2FTLinear.from_linear(_linear(True), dim, INDEXES[kind])
     x = torch.randn(3, 8, IN_FEATURES, dtype=torch.float64, requires_grad=True)
-    params = list(layer.parameters()) + [layer.index]
+    params = list(layer.parameters()) + list(layer.buffers())  # model state, saved by reference
     k = len(INDEXES[kind])
     saved = saved_activation_bytes(lambda: layer(x), exclude=params)
     expected = x.numel() // IN_FEATURES * k * x.element_size() if dim == 1 else x.numel() * x.element_size()
@@ -230,6 +232,8 @@ def test_state_dict_round_trip_refreshes_span():
     assert target._span is None
     target.load_state_dict(source.state_dict())
     assert target._span == (3, 6)
+    assert target._sel.tolist() == [3, 4, 5]
+    assert target._rest.tolist() == [i for i in range(IN_FEATURES) if not 3 <= i < 6]
     x = torch.randn(2, IN_FEATURES, dtype=torch.float64)
     torch.testing.assert_close(target(x), source(x))
     assert set(source.state_dict()) == {"weight", "bias", "block", "index"}
@@ -264,3 +268,27 @@ def test_torch_compile_fullgraph(dim, kind):
     torch.testing.assert_close(y, y_eager)
     torch.testing.assert_close(dx, dx_eager)
     torch.testing.assert_close(db, db_eager)
+
+
+def test_compiled_s2ft_model_fullgraph_matches_eager():
+    """torch.compile (inductor) of a model with S²FT rows (v, up) and columns (o, down): one graph, the
+    fxsparse ops in it, loss and block gradients as in eager."""
+    model = fxsparse.transform(tiny_model("llama"), "s2ft", ratios={"o": 0.5, "down": 0.2, "v": 0.5, "up": 0.2})
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    explanation = torch._dynamo.explain(model)(ids, labels=ids)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    targets = [node.target for node in explanation.graphs[0].graph.nodes]
+    layers = sum(isinstance(m, S2FTLinear) for m in model.modules())
+    assert layers == 7 and targets.count(torch.ops.fxsparse.s2ft_linear) == layers  # every layer in the graph
+    params = fxsparse.trainable_parameters(model)
+    eager_loss = model(ids, labels=ids).loss
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    torch._dynamo.reset()
+    loss = torch.compile(model, fullgraph=True)(ids, labels=ids).loss
+    loss.backward()
+    assert abs(loss.item() - eager_loss.item()) <= 1e-4 * abs(eager_loss.item())
+    for p, expected in zip(params, eager_grads):
+        assert ((p.grad - expected).norm() / expected.norm()).item() < 1e-4

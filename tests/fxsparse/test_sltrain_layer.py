@@ -316,3 +316,75 @@ def test_input_without_grad_still_gives_parameter_gradients(support, block_size)
     for got, want in [(layer.A.grad, A.grad), (layer.B.grad, B.grad), (layer.values.grad, values.grad),
                       (layer.bias.grad, bias.grad)]:
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("support,block_size", SUPPORT_CASES)
+def test_layer_pickles_and_keeps_rebuilding_after_load(support, block_size, tmp_path):
+    import io
+
+    layer = SLTrainLinear(48, 80, rank=6, sparsity=0.05, support=support, block_size=block_size, seed=4)
+    _randomize(layer, seed=1)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)  # a lambda hook made this fail
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
+    other = SLTrainLinear(48, 80, rank=6, sparsity=0.05, support=support, block_size=block_size, seed=9)
+    loaded.load_state_dict(other.state_dict())  # the load hook survived pickling: kernel indices rebuilt
+    torch.testing.assert_close(loaded(x), other(x), rtol=0, atol=0)
+    copied = copy.deepcopy(loaded)
+    torch.testing.assert_close(copied(x), other(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("support,block_size", [("random", 16), ("block", 8)])
+def test_support_bytes_are_what_the_docstring_says(support, block_size):
+    d_in, d_out = 123, 431
+    layer = SLTrainLinear(d_in, d_out, rank=4, sparsity=0.05, support=support, block_size=block_size)
+    persistent = {k: v for k, v in layer.state_dict().items() if k in dict(layer.named_buffers())}
+    held = dict(layer.named_buffers())
+    size = lambda buffers: sum(b.numel() * b.element_size() for b in buffers.values())  # noqa: E731
+    assert all(b.dtype == torch.int32 for b in held.values())
+    if support == "random":
+        assert size(persistent) == 4 * layer.nnz + 4 * (d_out + 1)
+        assert size(held) == 12 * layer.nnz + 4 * (d_out + 1) + 4 * (d_in + 1)
+    else:
+        tiles = layer.nnz // block_size**2
+        assert size(persistent) == 8 * tiles
+        n_rows, n_cols = -(-d_out // block_size), -(-d_in // block_size)
+        assert size(held) == 12 * tiles + 4 * (n_rows + 1) + 4 * (n_cols + 1)
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("support,block_size", SUPPORT_CASES)
+def test_forward_and_backward_are_the_fxsparse_ops(support, block_size):
+    layer = SLTrainLinear(40, 48, rank=4, sparsity=0.1, support=support, block_size=block_size, seed=1)
+    x = torch.randn(6, 40, requires_grad=True)
+    with _OpNames() as mode:
+        y = layer(x)
+    assert f"fxsparse.sltrain_{support}_fwd.default" in mode.names
+    with _OpNames() as mode:
+        y.sum().backward()
+    assert f"fxsparse.sltrain_{support}_bwd.default" in mode.names
+
+
+@pytest.mark.parametrize("support,block_size", SUPPORT_CASES)
+def test_saves_only_x_and_the_rank_r_activation(support, block_size):
+    from fxsparse.memory import SavedActivations
+
+    tokens, d_in, d_out, rank = 24, 64, 96, 5
+    layer = SLTrainLinear(d_in, d_out, rank=rank, sparsity=0.1, support=support, block_size=block_size, seed=1)
+    x = torch.randn(tokens, d_in, requires_grad=True)
+    with SavedActivations(exclude=[*layer.parameters(), *layer.buffers()]) as saved:
+        y = layer(x)
+    assert sorted(saved.storages.values()) == sorted([4 * tokens * rank, 4 * tokens * d_in])
+    y.sum().backward()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
 import fxsparse
+import fxsparse.recipes as recipes
 from fxsparse.layers.sltrain import SLTrainLinear
 from fxsparse.models import tiny_model
+from fxsparse.passes.manager import PassResult, fxpass
 from fxsparse.recipes import get_recipe
 from fxsparse.recipes.sltrain import LowRankConfig, SLTrainConfig, default_alpha, default_rank
 
@@ -18,21 +21,27 @@ LLAMA_ROLES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-@pytest.fixture(autouse=True)
-def _inspect_once_per_architecture(monkeypatch):
-    """Structure discovery (a torch.export capture) is tested elsewhere; reuse its result per config here."""
-    real_inspect = fxsparse.inspect
-
-    def cached(model, example_inputs=None):
-        key = (type(model).__name__, model.config.to_json_string())
-        if key not in _STRUCTURES:
-            _STRUCTURES[key] = real_inspect(model, example_inputs)
-        return _STRUCTURES[key]
-
-    monkeypatch.setattr(fxsparse, "inspect", cached)
-
-
 _STRUCTURES: dict = {}
+
+
+@fxpass(reads=("model", "example_inputs"), writes=("structure",))
+def _cached_structure(model, example_inputs):
+    """capture_graph + find_structure, once per model configuration."""
+    key = (type(model).__name__, model.config.to_json_string())
+    if key not in _STRUCTURES:
+        _STRUCTURES[key] = fxsparse.inspect(model, example_inputs)
+    return PassResult(False, outputs={"structure": _STRUCTURES[key]})
+
+
+@pytest.fixture(autouse=True)
+def _structure_once_per_architecture(monkeypatch):
+    """Structure discovery (a torch.export capture) is tested elsewhere: here the recipes start from a cached
+    result per model configuration, put in place of their first two passes (a recipe is plain data)."""
+    for name in ("sltrain", "lowrank"):
+        recipe = get_recipe(name)
+        fast = dataclasses.replace(recipe, passes=(_cached_structure, *recipe.passes[2:]))
+        monkeypatch.setitem(recipes._BY_NAME, name, fast)
+        monkeypatch.setitem(recipes._BY_CONFIG, recipe.config_cls, fast)
 
 
 def _sltrain_layers(model: nn.Module) -> dict[str, SLTrainLinear]:
@@ -240,3 +249,27 @@ def test_lowrank_from_scratch_is_not_a_dead_start():
     again = fxsparse.transform(tiny_model("llama"), "lowrank", rank=4, seed=0)
     redrawn = [m for m in again.modules() if isinstance(m, SLTrainLinear)]
     assert all(torch.equal(a.B, b.B) for a, b in zip(layers, redrawn))
+
+
+def test_configs_select_their_recipe():
+    a = fxsparse.transform(tiny_model("llama"), SLTrainConfig(rank=4, seed=2))
+    b = fxsparse.transform(tiny_model("llama"), "sltrain", rank=4, seed=2)
+    assert a._fxsparse_recipe == "sltrain"
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    low = fxsparse.transform(tiny_model("llama"), LowRankConfig(rank=4))
+    assert low._fxsparse_recipe == "lowrank" and all(m.nnz == 0 for m in _sltrain_layers(low).values())
+    assert get_recipe(SLTrainConfig(rank=4)).name == "sltrain" and get_recipe(LowRankConfig).name == "lowrank"
+
+
+def test_a_failure_half_way_leaves_the_model_as_it_was():
+    """rank 16 fits q_proj (48 x 48) but not k_proj (48 -> 16): q_proj was already replaced when it fails."""
+    model = tiny_model("llama")
+    model.model.norm.weight.requires_grad_(False)
+    modules = [(name, type(m)) for name, m in model.named_modules()]
+    params = {name: (p, p.requires_grad) for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="rank=16"):
+        fxsparse.transform(model, "sltrain", rank=16)
+    assert [(name, type(m)) for name, m in model.named_modules()] == modules
+    assert {name: (p, p.requires_grad) for name, p in model.named_parameters()} == params
+    assert not hasattr(model, "_fxsparse_recipe")

@@ -1,4 +1,5 @@
-"""Structure discovery on tiny random models of every supported family, a 7B config on meta, SmolLM2."""
+"""Structure discovery on tiny random models of every supported family, a 7B config on meta, SmolLM2,
+hand-written attention with per-head operands, one-token and large example inputs."""
 
 import time
 
@@ -7,9 +8,10 @@ import torch
 from torch import nn
 
 import fxsparse
+import fxsparse.passes.find_structure as find_structure_module
 from fxsparse.capture import capture
 from fxsparse.models import tiny_config, tiny_model
-from fxsparse.passes.find_structure import RoleRecord, find_structure
+from fxsparse.passes.find_structure import find_structure
 
 # arch -> (heads, kv heads, head size, channels, fused qkv, fused gate_up, gated, activation)
 EXPECTED = {
@@ -42,32 +44,66 @@ def test_discovery_counts(arch):
     assert data["unrecognized"] == ["lm_head"]
 
 
-def _weight_rows(model, proj, units, unit_size):
-    """Weight rows (producers) of ``units`` as a tensor, reading Conv1D weights transposed."""
-    weight = model.get_submodule(proj.path).weight
-    weight = weight.t() if proj.conv1d else weight
-    return weight[[i for u in range(units) for i in proj.indices(u, unit_size)]]
+def _record_attention(model, x):
+    """Run ``model(x)``; return the first SDPA call's (query, key, value, output) and every module's
+    output and first input, by module path."""
+    calls, outputs, inputs = [], {}, {}
+    real_sdpa = nn.functional.scaled_dot_product_attention
+
+    def sdpa(query, key, value, *args, **kwargs):
+        out = real_sdpa(query, key, value, *args, **kwargs)
+        calls.append((query, key, value, out))
+        return out
+
+    def hook(path):
+        def record(module, args, output):
+            outputs.setdefault(path, output)
+            if args:  # decoder layers are called with keyword arguments only
+                inputs.setdefault(path, args[0])
+        return record
+
+    handles = [m.register_forward_hook(hook(path)) for path, m in model.named_modules() if path]
+    try:
+        nn.functional.scaled_dot_product_attention = sdpa
+        with torch.no_grad():
+            model(x)
+    finally:
+        nn.functional.scaled_dot_product_attention = real_sdpa
+        for handle in handles:
+            handle.remove()
+    return calls[0], outputs, inputs
 
 
 @pytest.mark.parametrize("arch", list(EXPECTED))
-def test_head_rows_reproduce_attention_inputs(arch):
-    """The rows discovery assigns to q/k/v recompute exactly what reaches SDPA before rotary: checked by
-    comparing q/k/v projections of a random input against per-head slices of the fused/unfused output."""
+def test_head_rows_are_what_reaches_the_attention(arch):
+    """Run the model: the v rows discovery assigns to each KV head are exactly the value the attention
+    gets for it, and the o columns of each head are exactly that head's attention output. q and k are
+    checked the same way where nothing but reshapes lies between them and the attention (GPT-2; OPT
+    scales q, so only k there); rotary embeddings change them elsewhere."""
     model = tiny_model(arch)
-    structure = fxsparse.inspect(model)
-    a = structure.blocks[0].attention
-    # Every output row is claimed exactly once across q, k, v (or all rows of unfused modules).
-    if a.q.fused:
-        rows = [*a.q.all_indices(a.num_heads, a.head_dim), *a.k.all_indices(a.num_kv_heads, a.head_dim),
-                *a.v.all_indices(a.num_kv_heads, a.head_dim)]
-        module = model.get_submodule(a.q.path)
-        out_features = module.weight.shape[1] if a.q.conv1d else module.weight.shape[0]
-        assert sorted(rows) == list(range(out_features))
-    # The o columns are a permutation of the input features.
-    o = model.get_submodule(a.o.path)
-    in_features = o.weight.shape[0] if a.o.conv1d else o.weight.shape[1]
-    assert sorted(a.o.all_indices(a.num_heads, a.head_dim)) == list(range(in_features))
-    assert in_features == a.num_heads * a.head_dim
+    a = fxsparse.inspect(model).blocks[0].attention
+    x = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    (query, key, value, out), outputs, inputs = _record_attention(model, x)
+    d = a.head_dim
+
+    def rows(proj, unit):
+        produced = outputs[proj.path]
+        return produced[..., proj.indices(unit, d)]
+
+    def head(tensor, unit, units):
+        per_group = tensor.shape[1] // units  # k/v repeated to every query head (repeat_kv) or not
+        return tensor[:, unit * per_group]
+
+    for j in range(a.num_kv_heads):
+        torch.testing.assert_close(rows(a.v, j), head(value, j, a.num_kv_heads), rtol=0, atol=0)
+    o_input = inputs[a.o.path]
+    for h in range(a.num_heads):
+        torch.testing.assert_close(o_input[..., a.o.indices(h, d)], out[:, h], rtol=0, atol=0)
+    checked = {"gpt2": ("q", "k"), "opt": ("k",)}.get(arch, ())
+    for role in checked:
+        proj, units, tensor = (a.q, a.num_heads, query) if role == "q" else (a.k, a.num_kv_heads, key)
+        for j in range(units):
+            torch.testing.assert_close(rows(proj, j), head(tensor, j, units), rtol=0, atol=0)
 
 
 def test_neox_interleaved_qkv_rows():
@@ -103,22 +139,11 @@ def test_gated_ffn_roles_by_dataflow_not_names():
     assert ffn.gate.path.endswith("mlp.up_proj") and ffn.up.path.endswith("mlp.gate_proj")
 
 
-def test_role_records_on_nodes():
+def test_find_structure_is_a_pass_that_writes_no_node_records():
     captured = capture(tiny_model("llama"))
-    structure = find_structure(captured)
-    records = [n.meta["fxsparse.role"] for n in captured.graph.nodes if "fxsparse.role" in n.meta]
-    assert all(isinstance(r, RoleRecord) for r in records)
-    assert sorted((r.block, r.role) for r in records) == sorted(
-        (b.index, role) for b in structure.blocks for role in b.projections())
-
-
-def test_coupling_graph_edges():
-    structure = fxsparse.inspect(tiny_model("llama"))
-    graph = structure.coupling_graph()
-    assert graph.has_edge((0, "q"), (0, "o")) and graph.has_edge((0, "v"), (0, "o"))
-    assert graph.has_edge((1, "gate"), (1, "down")) and graph.has_edge((1, "up"), (1, "down"))
-    assert not graph.has_edge((0, "o"), (0, "down"))
-    assert graph.number_of_nodes() == 14
+    result = find_structure(captured=captured)
+    assert not result.modified and set(result.outputs) == {"structure"}
+    assert not [key for n in captured.graph.nodes for key in n.meta if key.startswith("fxsparse")]
 
 
 def test_no_attention_or_ffn_is_a_value_error():
@@ -152,6 +177,93 @@ def test_plain_module_with_example_inputs():
     assert (block.attention.num_heads, block.attention.num_kv_heads, block.attention.head_dim) == (4, 4, 8)
     assert (block.attention.q.path, block.attention.o.path) == ("wq", "wo")
     assert (block.ffn.up.path, block.ffn.down.path, block.ffn.channels) == ("fc_in", "fc_out", 72)
+
+
+class _TwoBlocks(nn.Module):
+    """Two hand-written blocks; ``variant`` gives block 0's attention a per-head operand outside the linears:
+    ``gain`` (a learned gain per query head), ``alibi`` (a per-head slope times distance as the mask),
+    ``sink`` (a learned key/value per head concatenated before the sequence) or ``bias`` (a bias added to
+    Q outside its bias-free linear). ``rope`` applies a rotary-style position factor, shared by all heads."""
+
+    def __init__(self, variant="", dim=32, heads=4, hidden=40):
+        super().__init__()
+        self.variant, self.heads, self.head_dim = variant, heads, dim // heads
+        self.blocks = nn.ModuleList(_PlainBlock(dim, heads, hidden) for _ in range(2))
+        self.blocks[0].wq = nn.Linear(dim, dim, bias=False)
+        generator = torch.Generator().manual_seed(0)
+        self.gain = nn.Parameter(0.5 + torch.rand(heads, generator=generator))
+        self.sink = nn.Parameter(torch.randn(1, heads, 1, self.head_dim, generator=generator))
+        self.q_bias = nn.Parameter(torch.randn(dim, generator=generator))
+        self.register_buffer("slopes", 2.0 ** -torch.arange(1, heads + 1, dtype=torch.float32))
+
+    def _attention(self, block, x, first):
+        b, s, d = x.shape
+        h = block.norm(x)
+        q = block.wq(h)
+        if first and self.variant == "bias":
+            q = q + self.q_bias
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in (q, block.wk(h), block.wv(h)))
+        if self.variant == "rope":
+            angle = torch.arange(s, dtype=x.dtype).view(1, 1, s, 1) * 0.1
+            q, k = q * angle.cos(), k * angle.cos()
+        mask = None
+        if first and self.variant == "gain":
+            q = q * self.gain.view(1, -1, 1, 1)
+        if first and self.variant == "alibi":
+            distance = torch.arange(s).view(1, s) - torch.arange(s).view(s, 1)
+            mask = self.slopes.view(1, -1, 1, 1) * distance.clamp(max=0).to(x.dtype)
+        if first and self.variant == "sink":
+            k = torch.cat([self.sink.expand(b, -1, -1, -1), k], dim=2)
+            v = torch.cat([torch.zeros_like(v[:, :, :1]), v], dim=2)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return x + block.wo(a.transpose(1, 2).reshape(b, s, d))
+
+    def forward(self, x):
+        for i, block in enumerate(self.blocks):
+            x = self._attention(block, x, i == 0)
+            x = x + block.fc_out(nn.functional.gelu(block.fc_in(block.norm(x))))
+        return x
+
+
+@pytest.mark.parametrize("variant, why", [("gain", "gain (seen as [1, 4, 1, 1])"), ("alibi", "mask slopes"),
+                                          ("sink", "sink (seen as [1, 4, 1, 8])"), ("bias", "q_bias (seen as [32])")])
+def test_per_head_operand_outside_the_linears_stops_that_attention(variant, why):
+    structure = fxsparse.inspect(_TwoBlocks(variant), torch.randn(1, 5, 32))
+    first, second = structure.blocks
+    assert first.attention is None and first.ffn is not None
+    assert second.attention is not None and second.attention.num_heads == 4
+    attention = [f"blocks.0.{name}" for name in ("wq", "wk", "wv", "wo")]
+    assert set(attention) <= set(structure.unrecognized)
+    for path in attention:
+        assert why in structure.reasons[path] and "permuting heads would change" in structure.reasons[path]
+    assert structure.to_dict()["reasons"] == structure.reasons
+
+
+def test_operands_shared_by_all_heads_do_not_stop_discovery():
+    """Position factors (rotary), q/k norms over head_dim (Qwen3, Gemma) and GQA repeats are the same for
+    every head: both attentions are found."""
+    structure = fxsparse.inspect(_TwoBlocks("rope"), torch.randn(1, 5, 32))
+    assert all(block.attention is not None for block in structure.blocks) and not structure.reasons
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "gpt_neox", "gpt2"])
+def test_one_token_example_finds_the_same_structure(arch):
+    model = tiny_model(arch)
+    assert fxsparse.inspect(model, torch.tensor([[5]])).to_dict() == fxsparse.inspect(model).to_dict()
+
+
+def test_a_large_example_is_cut_before_provenance_is_built(monkeypatch):
+    """An 8 x 2048 example is captured as 1 x 32 tokens, and only linears feeding the attention or an FFN
+    product get provenance tensors: never the LM head (96 outputs here)."""
+    model = tiny_model("llama")
+    expected = fxsparse.inspect(model).to_dict()
+    shapes = []
+    real = find_structure_module._provenance
+    monkeypatch.setattr(find_structure_module, "_provenance", lambda shape: shapes.append(shape) or real(shape))
+    captured = capture(model, torch.zeros(8, 2048, dtype=torch.long))
+    assert tuple(captured.args[0].shape) == (1, 32)
+    assert find_structure(captured=captured).outputs["structure"].to_dict() == expected
+    assert sorted({shape for shape in shapes}) == [(1, 32, 16), (1, 32, 48)]  # q, and k/v: no LM head (96)
 
 
 def test_llama2_7b_on_meta_is_fast():

@@ -11,11 +11,12 @@ from fxsparse.passes.permute_coupled import (
     BlockPermutation,
     _permute_projection,
     apply_permutations,
+    permute_coupled,
     permuted_module_indices,
     plan_permutations,
     runs,
 )
-from fxsparse.passes.select_units import select_units
+from fxsparse.passes.select_units import choose_units as select_units
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "opt", "gpt2"]
 ALL_ROLES = {"q": 0.3, "k": 0.5, "v": 0.5, "o": 0.4, "gate": 0.2, "up": 0.3, "down": 0.15}
@@ -40,7 +41,7 @@ def test_permutation_preserves_logits(arch, seed):
     x = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         before = model(x).logits
-        assert apply_permutations(model, structure, perms).modified
+        assert apply_permutations(model, structure, perms) > 0
         after = model(x).logits
     assert _rel(after, before) < 1e-13
     # the weights did move (a permutation that does nothing would pass the check above trivially)
@@ -142,3 +143,57 @@ def test_permuted_indices_point_at_the_original_units():
                            original[path + ".weight"].index_select(dim, torch.tensor(origin)))
         head = structure.blocks[block].attention.head_dim if role == "o" else 1
         assert sorted({o // head for o in origin}) == plan.selected(block, role)
+
+
+def test_identity_orders_touch_no_weight_and_do_not_count(monkeypatch):
+    """A role whose order is the identity is neither gathered nor reported as moved."""
+    model = tiny_model("llama")
+    structure = fxsparse.inspect(model)
+    written = []
+    real = torch.Tensor.index_copy_
+    monkeypatch.setattr(torch.Tensor, "index_copy_",
+                        lambda self, *args: written.append(tuple(self.shape)) or real(self, *args))
+    identity = {0: BlockPermutation(heads=tuple(range(6)), kv_heads=(0, 1), channels=tuple(range(80)))}
+    assert apply_permutations(model, structure, identity) == 0 and written == []
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    channels_only = {1: BlockPermutation(heads=tuple(range(6)), kv_heads=(0, 1), channels=(1, 0, *range(2, 80)))}
+    assert apply_permutations(model, structure, channels_only) == 3  # gate, up, down of block 1
+    assert sorted(written) == [(48, 80), (80, 48), (80, 48)]
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"model.layers.1.mlp.{n}_proj.weight" for n in ("gate", "up", "down")}
+
+
+def test_pass_writes_perms_and_undoes_bit_exactly():
+    model = tiny_model("qwen2")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    structure = fxsparse.inspect(model)
+    plan = select_units(structure, {"o": 0.4, "v": 0.5, "down": 0.2}, seed=2)
+    result = permute_coupled(model=model, structure=structure, plan=plan)
+    assert result.modified and result.outputs["model"] is model
+    assert result.outputs["perms"] == plan_permutations(structure, plan)
+    assert any(not torch.equal(original[k], v) for k, v in model.state_dict().items())
+    result.undo()
+    for key, value in model.state_dict().items():
+        assert torch.equal(original[key], value), key
+
+
+def test_a_failure_half_way_moves_back_what_was_moved(monkeypatch):
+    model = tiny_model("llama")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    structure = fxsparse.inspect(model)
+    plan = select_units(structure, {"o": 0.5, "down": 0.2}, seed=1)
+    import fxsparse.passes.permute_coupled as module
+
+    real, calls = module._permute_projection, []
+
+    def fails_on_the_fifth(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("disk on fire")
+        return real(*args)
+
+    monkeypatch.setattr(module, "_permute_projection", fails_on_the_fifth)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        permute_coupled(model=model, structure=structure, plan=plan)
+    for key, value in model.state_dict().items():
+        assert torch.equal(original[key], value), key

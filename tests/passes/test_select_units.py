@@ -1,4 +1,4 @@
-"""Plan (serialisable selection) and select_units (one pool across blocks, four criteria)."""
+"""Plan (serialisable selection), choose_units (one pool across blocks, four criteria) and the select_units pass."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 import fxsparse
 from fxsparse.models import tiny_model
-from fxsparse.passes.select_units import select_units
+from fxsparse.passes.select_units import choose_units, select_units
 from fxsparse.plan import Plan, arch_of
 from fxsparse.structure import FFN, Attention, Block, Projection, Structure
 
@@ -119,7 +119,7 @@ def test_module_indices_reject_other_architecture(llama):
         plan.module_indices(structure)
 
 
-# ---------------------------------------------------------------- select_units: random
+# ---------------------------------------------------------------- choose_units: random
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "gpt2"])
@@ -127,7 +127,7 @@ def test_random_counts_come_from_one_pool(arch):
     model = tiny_model(arch)
     structure = fxsparse.inspect(model)
     ratios = {k: v for k, v in ALL_ROLES.items() if structure.blocks[0].ffn.gate is not None or k != "gate"}
-    plan = select_units(structure, ratios, seed=3)
+    plan = choose_units(structure, ratios, seed=3)
     for role, ratio in ratios.items():
         pool = _pool_sizes(structure, role)
         assert plan.count(role) == max(1, int(ratio * pool + 0.5)), role
@@ -137,10 +137,10 @@ def test_random_counts_come_from_one_pool(arch):
 
 def test_random_is_seeded_and_independent_per_role(llama):
     _, structure = llama
-    a = select_units(structure, {"o": 0.5, "down": 0.3}, seed=1)
-    b = select_units(structure, {"o": 0.5, "down": 0.3}, seed=1)
-    c = select_units(structure, {"o": 0.5, "down": 0.3}, seed=2)
-    d = select_units(structure, {"down": 0.3}, seed=1)
+    a = choose_units(structure, {"o": 0.5, "down": 0.3}, seed=1)
+    b = choose_units(structure, {"o": 0.5, "down": 0.3}, seed=1)
+    c = choose_units(structure, {"o": 0.5, "down": 0.3}, seed=2)
+    d = choose_units(structure, {"down": 0.3}, seed=1)
     assert a == b
     assert a.units != c.units
     assert [a.selected(i, "down") for i in range(2)] == [d.selected(i, "down") for i in range(2)]
@@ -149,7 +149,7 @@ def test_random_is_seeded_and_independent_per_role(llama):
 def test_random_spreads_over_blocks_unevenly_over_many_seeds():
     structure = fxsparse.inspect(tiny_model("llama"))
     # One pool across blocks: per-block counts vary between seeds (a per-block quota would fix them).
-    per_block = {tuple(len(select_units(structure, {"down": 0.1}, seed=s).selected(i, "down")) for i in range(2))
+    per_block = {tuple(len(choose_units(structure, {"down": 0.1}, seed=s).selected(i, "down")) for i in range(2))
                  for s in range(10)}
     assert len(per_block) > 1
     assert all(sum(counts) == 16 for counts in per_block)
@@ -157,16 +157,16 @@ def test_random_spreads_over_blocks_unevenly_over_many_seeds():
 
 def test_layers_restrict_the_pool(llama):
     _, structure = llama
-    plan = select_units(structure, {"o": 0.5, "gate": 0.25}, layers=[1])
+    plan = choose_units(structure, {"o": 0.5, "gate": 0.25}, layers=[1])
     assert set(plan.units) == {1}
     assert plan.count("o") == 3 and plan.count("gate") == 20 and plan.layers == [1]
 
 
 def test_zero_ratio_selects_nothing_and_tiny_ratio_selects_one(llama):
     _, structure = llama
-    plan = select_units(structure, {"o": 0.0, "down": 1e-6})
+    plan = choose_units(structure, {"o": 0.0, "down": 1e-6})
     assert plan.count("o") == 0 and plan.count("down") == 1
-    full = select_units(structure, {"k": 1.0})
+    full = choose_units(structure, {"k": 1.0})
     assert full.units == {0: {"k": [0, 1]}, 1: {"k": [0, 1]}}
 
 
@@ -188,16 +188,16 @@ def test_bad_arguments_raise_value_error(llama, kwargs, match):
     if kwargs.get("model") == "m":
         kwargs["model"] = model
     with pytest.raises(ValueError, match=match):
-        select_units(structure, **kwargs)
+        choose_units(structure, **kwargs)
 
 
 def test_role_missing_from_architecture_is_an_error():
     structure = fxsparse.inspect(tiny_model("gpt2"))
     with pytest.raises(ValueError, match="'gate'"):
-        select_units(structure, {"gate": 0.1})
+        choose_units(structure, {"gate": 0.1})
 
 
-# ---------------------------------------------------------------- select_units: scored criteria
+# ---------------------------------------------------------------- choose_units: scored criteria
 
 
 def _brute_force_top(scores: dict[tuple[int, int], float], count: int) -> set[tuple[int, int]]:
@@ -214,7 +214,7 @@ def test_weight_criterion_picks_largest_norms(llama):
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.weight[:, 8 * 4:8 * 5] *= 100  # head 4 of block 1
         model.model.layers[0].mlp.up_proj.weight[33] *= 100  # channel 33 of block 0
-    plan = select_units(structure, {"o": 1 / 12, "up": 1 / 160, "down": 0.1}, select="weight", model=model)
+    plan = choose_units(structure, {"o": 1 / 12, "up": 1 / 160, "down": 0.1}, select="weight", model=model)
     assert plan.units[1]["o"] == [4] and plan.units[0]["up"] == [33]
     expected = {(b, c): model.model.layers[b].mlp.down_proj.weight[:, c].norm().item()
                 for b in range(2) for c in range(80)}
@@ -228,7 +228,7 @@ def test_activation_criterion_picks_loudest_features(llama):
         model.model.layers[0].mlp.up_proj.weight[50] *= 1000  # down's input channel 50 gets loud
         model.model.layers[1].self_attn.k_proj.weight[8:16] *= 1000  # KV head 1 output of block 1
     calibration = _calibration(model)
-    plan = select_units(structure, {"down": 1 / 160, "k": 0.25}, select="activation", model=model,
+    plan = choose_units(structure, {"down": 1 / 160, "k": 0.25}, select="activation", model=model,
                         calibration=calibration)
     assert plan.units[0]["down"] == [50] and plan.units[1]["k"] == [1]
 
@@ -244,7 +244,7 @@ def test_activation_criterion_picks_loudest_features(llama):
         handle.remove()
         mean = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]).mean(0)
         totals.update({(b, h): mean[8 * h:8 * (h + 1)].mean().item() for h in range(6)})
-    plan_q = select_units(structure, {"q": 0.25}, select="activation", model=model, calibration=calibration)
+    plan_q = choose_units(structure, {"q": 0.25}, select="activation", model=model, calibration=calibration)
     assert _chosen(plan_q, "q") == _brute_force_top(totals, 3)
 
 
@@ -255,7 +255,7 @@ def test_gradient_criterion_matches_a_plain_backward_and_restores_the_model(llam
         p.requires_grad_(i % 2 == 0)  # an arbitrary pattern the pass must restore
     flags = [p.requires_grad for p in model.parameters()]
     calibration = _calibration(model, n=2, seed=5)
-    plan = select_units(structure, {"v": 0.5, "gate": 0.1}, select="gradient", model=model,
+    plan = choose_units(structure, {"v": 0.5, "gate": 0.1}, select="gradient", model=model,
                         calibration=calibration)
     assert all(p.grad is None for p in model.parameters())
     assert [p.requires_grad for p in model.parameters()] == flags
@@ -277,8 +277,8 @@ def test_scored_criteria_are_deterministic(llama):
     model, structure = llama
     calibration = _calibration(model)
     for select in ("weight", "activation", "gradient"):
-        a = select_units(structure, {"o": 0.3, "down": 0.1}, select=select, model=model, calibration=calibration)
-        b = select_units(structure, {"o": 0.3, "down": 0.1}, select=select, model=model, calibration=calibration)
+        a = choose_units(structure, {"o": 0.3, "down": 0.1}, select=select, model=model, calibration=calibration)
+        b = choose_units(structure, {"o": 0.3, "down": 0.1}, select=select, model=model, calibration=calibration)
         assert a == b, select
 
 
@@ -292,5 +292,31 @@ def test_weight_criterion_on_conv1d_and_fused_qkv():
         block = model.transformer.h[1].attn
         block.c_proj.weight[2 * head_dim:3 * head_dim] *= 100  # Conv1D stores (in, out): O's input head 2
         block.c_attn.weight[:, v_rows] *= 100
-    plan = select_units(structure, {"o": 1 / 12, "v": 1 / 12}, select="weight", model=model)
+    plan = choose_units(structure, {"o": 1 / 12, "v": 1 / 12}, select="weight", model=model)
     assert plan.units == {1: {"o": [2], "v": [4]}}
+
+
+def test_scoring_makes_no_host_sync_per_unit(llama, monkeypatch):
+    """One host copy per role, not one ``.item()`` per unit (SmolLM2's down projections have 46k units)."""
+    model, structure = llama
+    calls = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append(1) or real_item(self))
+    calibration = _calibration(model)
+    for select in ("weight", "activation", "gradient"):
+        choose_units(structure, {"o": 0.3, "down": 0.1}, select=select, model=model, calibration=calibration)
+    assert calls == []
+
+
+# ---------------------------------------------------------------- the select_units pass
+
+
+def test_pass_selects_or_checks_a_given_plan(llama):
+    model, structure = llama
+    result = select_units(structure=structure, model=model, ratios={"o": 0.5}, seed=3)
+    assert not result.modified and result.outputs["plan"] == choose_units(structure, {"o": 0.5}, seed=3)
+    given = _plan(arch=arch_of(structure))
+    assert select_units(structure=structure, model=model, ratios={"o": 0.5}, plan=given).outputs["plan"] is given
+    other = _plan(arch={**arch_of(structure), "num_kv_heads": 3})
+    with pytest.raises(ValueError, match="plan was made for another architecture.*num_kv_heads"):
+        select_units(structure=structure, model=model, ratios={"o": 0.5}, plan=other)

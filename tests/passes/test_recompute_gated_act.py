@@ -1,4 +1,4 @@
-"""fuse_gated_ffn: whole tiny models keep logits and gradients, save fewer activation bytes."""
+"""recompute_gated_act: whole tiny models keep logits and gradients, save fewer activation bytes."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fxsparse.layers.fused_ffn import FusedGatedFFN
+from fxsparse.layers.recompute_ffn import RecomputingGatedFFN
 from fxsparse.memory import saved_activation_bytes
 from fxsparse.models import tiny_model
-from fxsparse.passes.fuse_gated_ffn import fuse_gated_ffn
+from fxsparse.passes.recompute_gated_act import recompute_gated_act
 from fxsparse.structure import FFN, Attention, Block, Projection, Structure
 
 ARCHS = ["llama", "qwen2", "gemma"]
@@ -52,10 +52,10 @@ def _saved_activation_bytes(model, batch) -> int:
 def test_whole_model_same_logits_and_gradients(arch):
     original = tiny_model(arch).double()
     model = copy.deepcopy(original)
-    result = fuse_gated_ffn(model, _hand_structure(model))
-    assert result.modified and "fused 2" in result.info and "left unfused" not in result.info
+    result = recompute_gated_act(model=model, structure=_hand_structure(model))
+    assert result.modified and "in 2 gated" in result.info and "left alone" not in result.info
     for i, layer in enumerate(model.model.layers):
-        assert isinstance(layer.mlp, FusedGatedFFN), i
+        assert isinstance(layer.mlp, RecomputingGatedFFN), i
     assert list(model.state_dict()) == list(original.state_dict())
 
     batch = _batch(model)
@@ -71,7 +71,7 @@ def test_whole_model_same_logits_and_gradients(arch):
 def test_saved_activation_bytes_go_down(arch):
     original = tiny_model(arch)
     model = copy.deepcopy(original)
-    fuse_gated_ffn(model, _hand_structure(model))
+    recompute_gated_act(model=model, structure=_hand_structure(model))
     batch = _batch(model)
     before = _saved_activation_bytes(original, batch)
     after = _saved_activation_bytes(model, batch)
@@ -84,9 +84,9 @@ def test_saved_activation_bytes_go_down(arch):
 def test_second_run_changes_nothing():
     model = tiny_model("llama")
     structure = _hand_structure(model)
-    fuse_gated_ffn(model, structure)
-    again = fuse_gated_ffn(model, structure)
-    assert not again.modified and "already fused" in again.info
+    recompute_gated_act(model=model, structure=structure)
+    again = recompute_gated_act(model=model, structure=structure)
+    assert not again.modified and "already recomputes" in again.info
 
 
 def test_mismatching_activation_is_left_alone_and_reported():
@@ -96,18 +96,18 @@ def test_mismatching_activation_is_left_alone_and_reported():
     structure.blocks[0] = replace(structure.blocks[0], ffn=replace(structure.blocks[0].ffn, activation="gelu"))
     model.model.layers[0].mlp.act_fn = torch.nn.GELU()
     model.model.layers[0].mlp.act_fn.forward = torch.nn.functional.silu  # mislabelled on purpose
-    result = fuse_gated_ffn(model, structure)
+    result = recompute_gated_act(model=model, structure=structure)
     assert "block 0" in result.info and "output differs" in result.info
-    assert not isinstance(model.model.layers[0].mlp, FusedGatedFFN)
-    assert isinstance(model.model.layers[1].mlp, FusedGatedFFN)
+    assert not isinstance(model.model.layers[0].mlp, RecomputingGatedFFN)
+    assert isinstance(model.model.layers[1].mlp, RecomputingGatedFFN)
 
 
 def test_non_gated_ffn_is_skipped():
     model = tiny_model("opt")
     blocks = [Block(i, None, FFN(Projection(f"model.decoder.layers.{i}.fc1"), None,
                                  Projection(f"model.decoder.layers.{i}.fc2"), 80, "relu")) for i in range(2)]
-    result = fuse_gated_ffn(model, Structure(blocks))
-    assert not result.modified and "fused 0" in result.info
+    result = recompute_gated_act(model=model, structure=Structure(blocks))
+    assert not result.modified and "in 0 gated" in result.info
 
 
 def test_fused_gate_up_is_skipped_and_reported():
@@ -115,7 +115,7 @@ def test_fused_gate_up_is_skipped_and_reported():
     mlp = "model.layers.0.mlp."
     ffn = FFN(Projection(mlp + "gate_up_proj", index=tuple(range(80, 160))),
               Projection(mlp + "gate_up_proj", index=tuple(range(80))), Projection(mlp + "down_proj"), 80, "silu")
-    result = fuse_gated_ffn(model, Structure([Block(0, None, ffn)]))
+    result = recompute_gated_act(model=model, structure=Structure([Block(0, None, ffn)]))
     assert not result.modified and "share one module" in result.info
 
 
@@ -125,11 +125,23 @@ def test_with_inspected_structure(arch):
 
     model = tiny_model(arch)
     reference = copy.deepcopy(model)
-    result = fuse_gated_ffn(model, fxsparse.inspect(model))
+    result = recompute_gated_act(model=model, structure=fxsparse.inspect(model))
     batch = _batch(model)
     torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
-    fused = [isinstance(layer.mlp, FusedGatedFFN) for layer in model.model.layers]
+    swapped = [isinstance(layer.mlp, RecomputingGatedFFN) for layer in model.model.layers]
     if arch == "phi3":  # one gate_up_proj module: not this pass's case, reported as such
-        assert not any(fused) and "share one module" in result.info
+        assert not any(swapped) and "share one module" in result.info
     else:
-        assert all(fused) and "left unfused" not in result.info, result.info
+        assert all(swapped) and "left alone" not in result.info, result.info
+
+
+def test_recorded_owners_are_the_original_modules_and_off_changes_nothing():
+    model = tiny_model("llama")
+    owners = [layer.mlp for layer in model.model.layers]
+    result = recompute_gated_act(model=model, structure=_hand_structure(model))
+    assert list(result.outputs["recomputed"].values()) == owners
+    assert [p for p in result.outputs["recomputed"]] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    fresh = tiny_model("llama")
+    off = recompute_gated_act(model=fresh, structure=_hand_structure(fresh), recompute_act=False)
+    assert not off.modified and off.outputs["recomputed"] == {}
+    assert type(fresh.model.layers[0].mlp).__name__ == "LlamaMLP"

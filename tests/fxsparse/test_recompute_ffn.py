@@ -1,4 +1,4 @@
-"""gated_act_mul and FusedGatedFFN: exact gradients, what backward saves, unchanged state_dict keys."""
+"""gated_act_mul and RecomputingGatedFFN: exact gradients, what backward saves, unchanged state_dict keys."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fxsparse.layers.fused_ffn import FusedGatedFFN, activation_name, gated_act_mul
+from fxsparse.layers.recompute_ffn import RecomputingGatedFFN, activation_name, gated_act_mul
 from fxsparse.memory import SavedActivations
 
 REFERENCE = {
@@ -104,32 +104,32 @@ class _GatedMLP(nn.Module):
 
 
 @pytest.mark.parametrize("act", list(REFERENCE))
-def test_fused_gated_ffn_module_matches_and_keeps_keys(act):
+def test_recomputing_gated_ffn_module_matches_and_keeps_keys(act):
     torch.manual_seed(3)
     mlp = _GatedMLP(act)
-    fused = FusedGatedFFN(mlp.w_gate, mlp.w_up, mlp.w_down, act, names=("w_gate", "w_up", "w_down"))
-    assert list(fused.state_dict()) == list(mlp.state_dict())
+    ffn = RecomputingGatedFFN(mlp.w_gate, mlp.w_up, mlp.w_down, act, names=("w_gate", "w_up", "w_down"))
+    assert list(ffn.state_dict()) == list(mlp.state_dict())
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(2, 5, 12, dtype=torch.float64)
     params = list(mlp.parameters())
     grads_ref = torch.autograd.grad(mlp(x), [x, *params], grad_out)
-    grads = torch.autograd.grad(fused(x), [x, *params], grad_out)
-    torch.testing.assert_close(fused(x), mlp(x), rtol=0, atol=0)
+    grads = torch.autograd.grad(ffn(x), [x, *params], grad_out)
+    torch.testing.assert_close(ffn(x), mlp(x), rtol=0, atol=0)
     for got, ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(got, ref)
 
 
-def test_fused_gated_ffn_rejects_repeated_names():
+def test_recomputing_gated_ffn_rejects_repeated_names():
     lin = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="distinct"):
-        FusedGatedFFN(lin, lin, lin, "silu", names=("a", "a", "b"))
+        RecomputingGatedFFN(lin, lin, lin, "silu", names=("a", "a", "b"))
 
 
-def test_fused_gated_ffn_compiles_fullgraph():
+def test_recomputing_gated_ffn_compiles_fullgraph():
     torch.manual_seed(4)
     mlp = _GatedMLP("silu").float()
-    fused = FusedGatedFFN(mlp.w_gate, mlp.w_up, mlp.w_down, "silu", names=("w_gate", "w_up", "w_down"))
-    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    ffn = RecomputingGatedFFN(mlp.w_gate, mlp.w_up, mlp.w_down, "silu", names=("w_gate", "w_up", "w_down"))
+    compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager")
     x = torch.randn(3, 12, requires_grad=True)
     (dx,) = torch.autograd.grad(compiled(x).sum(), (x,))
     (dx_ref,) = torch.autograd.grad(mlp(x).sum(), (x,))
