@@ -1,11 +1,13 @@
 """What every benchmark row records about where it ran: device name, git revision, load.
 
-A row's ``git_rev`` is ``git describe --always --dirty``: a result measured on uncommitted code says so.
+A row's ``git_rev`` is the commit plus ``-dirty`` when the code has uncommitted changes: a result measured on
+uncommitted code says so.
 :func:`require_clean_tree` stops a benchmark that would append such a row unless told ``--allow-dirty``.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -34,13 +36,22 @@ def device_name() -> str:
 
 
 def git_rev() -> str:
-    """``git describe --always --dirty`` of the checkout the benchmarks live in (``unknown`` outside git)."""
+    """Short revision of the checkout the benchmarks live in, ``-dirty`` when its code has uncommitted changes.
+
+    Like ``git describe --always --dirty``, except that result files under ``benchmarks/results`` do not count:
+    one benchmark's freshly appended rows must not mark the next benchmark's rows dirty. ``unknown`` outside
+    git; ``$FXSPARSE_GIT_REV`` names the code where ``.git`` is absent (a copied tree on a GPU machine).
+    """
+    here = Path(__file__).resolve().parent
     try:
-        proc = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"], capture_output=True,
-                              text=True, cwd=Path(__file__).resolve().parent)
+        rev = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, cwd=here)
+        status = subprocess.run(["git", "status", "--porcelain", "--", ":/", ":(exclude,top)benchmarks/results"],
+                                capture_output=True, text=True, cwd=here)
     except OSError:
-        return "unknown"
-    return proc.stdout.strip() or "unknown"
+        rev = status = None
+    if rev is None or rev.returncode != 0 or not rev.stdout.strip():
+        return os.environ.get("FXSPARSE_GIT_REV", "unknown")
+    return rev.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 def require_clean_tree(allow_dirty: bool) -> None:
