@@ -357,11 +357,10 @@ def _load_tokenizer(name: str):
         return ByteTokenizer()
     if name != "smollm2":
         raise ValueError(f"unknown tokenizer {name!r}; choose 'smollm2' or 'bytes'")
-    from transformers import AutoTokenizer
+    from fxsparse.models import load_default_tokenizer
 
-    from fxsparse.models import GGUF_FILE, default_model_dir
-
-    return AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=GGUF_FILE)
+    # from the converted checkpoint the default model is cached as: no 4 s GGUF tokenizer parse per command
+    return load_default_tokenizer()
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
