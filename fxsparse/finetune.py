@@ -126,6 +126,9 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from step 0 even if OUT holds an earlier run, replacing it (finetune: without "
+                        "this or --resume, an earlier run in OUT is an error; demo replaces it anyway)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--compile", nargs="?", const="fxsparse", default=None, choices=["fxsparse", "inductor"],
                    help="train under torch.compile with this backend (default when given: fxsparse); "
@@ -143,7 +146,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     d = subparsers.add_parser("demo", help="fine-tune SmolLM2-135M with S2FT on two-digit addition (minutes, CPU)")
     _add_training_options(d, DEMO_SETTINGS)
-    d.add_argument("--out", default="runs/demo", help="output folder")
+    d.add_argument("--out", default="runs/demo",
+                   help="output folder; unlike finetune, a second demo replaces an earlier run there (with a "
+                        "notice) unless --resume is given")
     d.set_defaults(func=run_demo)
     return p
 
@@ -182,6 +187,10 @@ def _examples(args):
     task = args.task or DEMO_SETTINGS["task"]
     train, heldout = task_splits(task, args.train_n, args.eval_n, seed=args.seed)
     return train, heldout, f"task {task!r}: {TASKS[task][0]}"
+
+
+# files that mark an earlier run in --out (refused unless --resume or --overwrite)
+_RUN_OUTPUTS = ("checkpoints/last.pt", "metrics.json")
 
 
 def _check_args(args) -> None:
@@ -254,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``fxsparse finetune`` with parsed ``args``; returns the metrics also written to metrics.json."""
     import fxsparse
     from fxsparse.data import TASKS, BatchStream, encode_examples
-    from fxsparse.train import train
+    from fxsparse.train import check_out_dir, train, write_text_atomic
 
     if args.list_tasks:
         for name, (description, _) in TASKS.items():
@@ -265,10 +274,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = out / "checkpoints"
+    check_out_dir(out, _RUN_OUTPUTS, args.resume, getattr(args, "overwrite", False))
     if args.resume and not (checkpoint_dir / "last.pt").is_file():
         raise ValueError(f"--resume: no checkpoint at {checkpoint_dir / 'last.pt'}")
+    out.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()
 
     train_examples, heldout, source = _examples(args)
@@ -345,7 +355,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": platform.machine(),
         "heldout_answers": answers[:20],
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if before is not None:
         print(f"exact match: {before:.1%} before -> {after:.1%} after")
     print(f"trainable parameters: {trainable:,} of {total:,} in the base model ({100 * trainable / total:.3f}%)")
@@ -357,4 +367,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """``fxsparse demo``: :func:`run` with :data:`DEMO_SETTINGS` (each can still be overridden)."""
     print("fxsparse demo: S2FT fine-tuning of SmolLM2-135M-Instruct on two-digit addition, on this CPU")
+    # a newcomer runs `make demo` twice: replace the demo's own earlier output rather than refuse
+    earlier = any((Path(args.out) / name).exists() for name in _RUN_OUTPUTS)
+    if earlier and not args.resume and not args.overwrite:
+        print(f"note: replacing the earlier demo run in {args.out} (pass --resume to continue it instead)")
+        args.overwrite = True
     return run(args)

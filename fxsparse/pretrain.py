@@ -404,6 +404,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/pretrain", help="folder for metrics.json, curves.png, checkpoint.pt")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from OUT/checkpoint.pt (or the given checkpoint file)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from step 0 even if OUT holds an earlier run, replacing it (without this or "
+                        "--resume, an earlier run in OUT is an error)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -442,6 +445,7 @@ def run(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from fxsparse.corpus import load_corpus, pack_sequences, split_documents
+    from fxsparse.train import check_finite_loss, check_out_dir, write_text_atomic
 
     _validate(args)
     if args.threads:
@@ -453,6 +457,7 @@ def run(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown preset {args.preset!r}; choose one of {list(PRESETS)} or give --config")
     out = Path(args.out)
+    check_out_dir(out, ("checkpoint.pt", "metrics.json"), args.resume, getattr(args, "overwrite", False))
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(args.tokenizer)
@@ -537,6 +542,7 @@ def run(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     for step in range(start_step, stop):
         micro_batches = [batches.next().to(device) for _ in range(args.grad_accum)]
         step_loss = accumulate_gradients(model, micro_batches, args.dtype)
+        check_finite_loss(step_loss, step + 1)  # before the update and any checkpoint of this step
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.clip)
         lr = optimizer.param_groups[0]["lr"]
@@ -566,7 +572,7 @@ def run(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
         metrics["final_val_loss"] = metrics["evals"][-1]["val_loss"]
         metrics["final_val_ppl"] = metrics["evals"][-1]["val_ppl"]
     save_checkpoint(final_step)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     if metrics["history"]:
         _plot(metrics, out / "curves.png")
     return metrics

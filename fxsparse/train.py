@@ -35,7 +35,10 @@ from torch import nn
 import fxsparse
 from fxsparse.data import IGNORE_INDEX
 
-__all__ = ["TrainResult", "train", "accumulate_gradients", "causal_lm_loss", "lr_factor", "CHECKPOINT_NAME"]
+__all__ = [
+    "TrainResult", "train", "accumulate_gradients", "causal_lm_loss", "lr_factor", "CHECKPOINT_NAME",
+    "NonFiniteLossError", "check_finite_loss", "check_out_dir", "write_text_atomic",
+]
 
 CHECKPOINT_NAME = "last.pt"
 _SCHEDULES = ("cosine", "constant")
@@ -51,6 +54,58 @@ class TrainResult:
     resumed_from: int = 0
     seconds: float = 0.0
     tokens: int = 0
+
+
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """The training loss became NaN or infinite; a ``ValueError`` too, so the CLI reports it as a clean error."""
+
+
+def check_finite_loss(loss: float, step: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming ``step`` (1-based) and ``loss`` unless ``loss`` is finite.
+
+    Called before the optimizer step, so nothing (parameters, checkpoint, adapter) is updated from it.
+    """
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"training loss is {loss} at step {step}; stopped before updating or saving anything for this step "
+            "(try a lower learning rate, fp32, or a smaller gradient clip)"
+        )
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    A run killed mid-write leaves the previous file intact (or no file), never a truncated one.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".part")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def check_out_dir(out: str | Path, outputs: Sequence[str], resume: Any, overwrite: bool) -> bool:
+    """Refuse to start a fresh run over an earlier one in ``out`` unless told to resume or overwrite.
+
+    ``outputs`` are the files (relative to ``out``) that mark an earlier run. Returns whether one is there.
+    With ``overwrite``, those files are deleted so that a crash of the new run cannot leave the old
+    checkpoint behind for a later ``--resume``.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: give one of them")
+    out = Path(out)
+    found = [name for name in outputs if (out / name).exists()]
+    if found and not resume and not overwrite:
+        raise ValueError(
+            f"{str(out)!r} already holds an earlier run ({', '.join(found)}): pass --resume to continue it, "
+            "--overwrite to start again from step 0 and replace it, or choose another --out"
+        )
+    if found and overwrite:
+        for name in found:
+            (out / name).unlink()
+    return bool(found)
 
 
 def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float = 0.1) -> float:
@@ -197,6 +252,7 @@ def train(
     ``batches`` yields dicts from :func:`fxsparse.data.collate`; if it has ``state_dict`` /
     ``load_state_dict`` (like :class:`fxsparse.data.BatchStream`), its position is checkpointed too.
     ``resume`` is ``True`` (the latest checkpoint in ``checkpoint_dir``) or a checkpoint file.
+    A NaN or infinite loss raises :class:`NonFiniteLossError` before that step updates or saves anything.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -262,6 +318,7 @@ def train(
     try:
         while result.steps < steps:
             mean_loss, total = accumulate_gradients(model, [next(batches) for _ in range(grad_accum)])
+            check_finite_loss(mean_loss, result.steps + 1)
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
             result.lrs.append(optimizer.param_groups[0]["lr"])

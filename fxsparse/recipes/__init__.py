@@ -11,6 +11,12 @@ starts with ``model``, ``config`` and ``example_inputs``, then the recipe's ``fi
 model is put back exactly as it was — module tree, parameter objects and values, ``requires_grad`` —
 and the error is raised again.
 
+After a successful run the model refuses ``save_pretrained`` (and so ``push_to_hub`` and a
+``transformers.Trainer`` checkpoint) with a ``ValueError`` saying to :func:`fxsparse.merge` it first or to
+save the adapter: a transformed model's state dict holds permuted weights with the trained entries zeroed
+and extra keys, which transformers would reload "successfully" into a different function. ``merge``
+lifts the refusal.
+
 >>> from fxsparse.recipes.s2ft import S2FTConfig
 >>> get_recipe("s2ft") is get_recipe(S2FTConfig()) is get_recipe(S2FTConfig)
 True
@@ -22,16 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from fxsparse.passes.manager import PassManager, PassResult, check_pipeline, spec_of
 
 __all__ = ["Recipe", "INPUTS", "register_recipe", "get_recipe", "available_recipes", "make_config",
-           "resolve_recipe", "apply_recipe"]
+           "resolve_recipe", "apply_recipe", "as_real", "check_seed", "SaveRefused", "lift_save_refusal"]
 
 # What the pass context holds before a recipe's first pass.
 INPUTS = ("model", "config", "example_inputs")
@@ -43,6 +51,29 @@ _BUILTIN = {
     "sltrain": "fxsparse.recipes.sltrain",
     "lowrank": "fxsparse.recipes.sltrain",
 }
+# Options renamed since they were first published: the error names the new one.
+_RENAMED = {"fuse_ffn": "recompute_act"}
+# torch.Generator.manual_seed takes [-2**63, 2**64); numpy generators take only non-negative seeds.
+SEED_LIMIT = 2**63
+
+
+def as_real(value: Any) -> float | None:
+    """``float(value)`` for a real number (Python, numpy or a 0-dim torch tensor; not a bool), else None."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.dtype.is_complex:
+            return None
+        return float(value.item())
+    if type(value).__name__ in ("bool", "bool_") or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int in ``[0, 2**63)`` (Python or numpy integer), else a ``ValueError`` naming it."""
+    if type(seed).__name__ in ("bool", "bool_") or not isinstance(seed, numbers.Integral) or not (
+            0 <= int(seed) < SEED_LIMIT):
+        raise ValueError(f"seed={seed!r} must be an int in [0, 2**63)")
+    return int(seed)
 
 
 @dataclass(frozen=True)
@@ -100,8 +131,9 @@ def get_recipe(key: Any) -> Recipe:
     if config_cls not in _BY_CONFIG:
         _load_builtins()
     if config_cls not in _BY_CONFIG:
-        raise ValueError(f"no recipe takes a {config_cls.__name__}; recipes: {available_recipes()} with configs "
-                         f"{sorted(c.__name__ for c in _BY_CONFIG)}")
+        raise ValueError(f"recipe={key!r}: no recipe takes a {config_cls.__name__}; pass a name "
+                         f"{available_recipes()}, a config instance or class {sorted(c.__name__ for c in _BY_CONFIG)} "
+                         "or a Recipe")
     return _BY_CONFIG[config_cls]
 
 
@@ -114,7 +146,9 @@ def make_config(config_cls: type, options: Mapping[str, Any]) -> Any:
     known = {f.name for f in dataclasses.fields(config_cls) if f.init}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {config_cls.__name__}; known: {sorted(known)}")
+        renamed = "".join(f"; {old!r} is now called {_RENAMED[old]!r}" for old in unknown
+                          if _RENAMED.get(old) in known)
+        raise ValueError(f"unknown option(s) {unknown} for {config_cls.__name__}; known: {sorted(known)}{renamed}")
     return config_cls(**options)
 
 
@@ -156,6 +190,42 @@ class _ModelSnapshot:
             setattr(self.model, key, value)
 
 
+class SaveRefused:
+    """Stands in for ``model.save_pretrained`` on a transformed model (an instance attribute, so the class
+    and other models are untouched): raises a ``ValueError`` saying what to do instead. Once the model is
+    merged (no ``_fxsparse_recipe``) it lifts itself and saves."""
+
+    def __init__(self, model: nn.Module, recipe: str, previous: Any = None):
+        self.model, self.recipe, self.previous = model, recipe, previous
+
+    def __call__(self, *args, **kwargs):
+        if getattr(self.model, "_fxsparse_recipe", None) is None:
+            lift_save_refusal(self.model)
+            return self.model.save_pretrained(*args, **kwargs)
+        adapter = (", or fxsparse.save_adapter(model, path) to save only the selection and trained blocks"
+                   if self.recipe == "s2ft" else "")
+        raise ValueError(
+            f"save_pretrained refused: this model is transformed by fxsparse (recipe {self.recipe!r}), so its state "
+            "dict holds fxsparse layers (permuted weights, trained entries outside .weight, extra keys) that "
+            "transformers would reload as a different model. Call fxsparse.merge(model) first (to keep training "
+            f"this one, save a merged copy: fxsparse.merge(copy.deepcopy(model)).save_pretrained(path)){adapter}.")
+
+
+def _refuse_save(model: nn.Module, recipe: str) -> None:
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = SaveRefused(model, recipe, vars(model).get("save_pretrained"))
+
+
+def lift_save_refusal(model: nn.Module) -> nn.Module:
+    """Undo the ``save_pretrained`` refusal :func:`apply_recipe` put on ``model`` (merges call this)."""
+    guard = vars(model).get("save_pretrained")
+    if isinstance(guard, SaveRefused):
+        del model.save_pretrained
+        if guard.previous is not None:
+            model.save_pretrained = guard.previous
+    return model
+
+
 def apply_recipe(model: nn.Module, recipe: Recipe, config: Any, example_inputs: Any = None,
                  log: Callable[[str], None] | None = None) -> nn.Module:
     """Run ``recipe`` on ``model`` in place (see the module docstring); returns ``model``."""
@@ -170,6 +240,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, config: Any, example_inputs: 
         if recipe.finish is not None:
             recipe.finish(model, context)
         model._fxsparse_recipe = recipe.name
+        _refuse_save(model, recipe.name)
     except BaseException:
         manager.rollback()
         snapshot.restore()

@@ -32,7 +32,8 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,7 @@ from fxsparse.passes.record_reference import record_reference
 from fxsparse.passes.replace_s2ft import replace_s2ft
 from fxsparse.passes.select_units import select_units
 from fxsparse.plan import CRITERIA, ROLES, Plan
-from fxsparse.recipes import Recipe, register_recipe
+from fxsparse.recipes import Recipe, as_real, check_seed, lift_save_refusal, register_recipe
 from fxsparse.structure import Structure
 
 __all__ = ["S2FTConfig", "S2FTState", "S2FT", "DEFAULT_RATIOS", "s2ft_state", "merge_s2ft"]
@@ -57,15 +58,31 @@ __all__ = ["S2FTConfig", "S2FTState", "S2FT", "DEFAULT_RATIOS", "s2ft_state", "m
 DEFAULT_RATIOS = {"o": 0.052, "down": 0.02}
 
 
+def _check_layers(layers: Any) -> tuple[int, ...] | None:
+    """None (all blocks), or block indices as a tuple; a single int means that one block."""
+    if layers is None:
+        return None
+    items = [layers] if isinstance(layers, numbers.Integral) and not isinstance(layers, bool) else layers
+    if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+        raise ValueError(f"layers={layers!r} must be None (all blocks), a block index or a list of block indices")
+    items = list(items)
+    bad = [i for i in items if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
+    if not items or bad:
+        raise ValueError(f"layers={layers!r} must be None (all blocks), a block index or a non-empty list of "
+                         f"non-negative block indices" + (f"; not indices: {bad!r}" if bad else ""))
+    return tuple(int(i) for i in items)
+
+
 @dataclass(frozen=True)
 class S2FTConfig:
     """Options of ``fxsparse.transform(model, "s2ft", **options)`` (or ``transform(model, S2FTConfig(...))``).
 
-    ``ratios``: fraction of units trained per projection (keys q, k, v, o, gate, up, down); ``select``:
+    ``ratios``: fraction of units trained per projection (keys q, k, v, o, gate, up, down; numpy/torch
+    scalars are taken as floats); ``seed``: an int in [0, 2**63); ``select``:
     random | weight | activation | gradient; ``calibration``: batches for the data-driven criteria (used
-    during ``transform`` only, not kept); ``layers``: which blocks may get units (default all); ``plan``:
-    reuse a Plan (or its dict) instead of selecting; ``recompute_act``: gated FFNs recompute
-    ``act(gate)`` in backward, saving one (tokens x channels) tensor per block for some elementwise
+    during ``transform`` only, not kept); ``layers``: which blocks may get units (default all; one int
+    means that block); ``plan``: reuse a Plan (or its dict) instead of selecting; ``recompute_act``: gated FFNs
+    recompute ``act(gate)`` in backward, saving one (tokens x channels) tensor per block for some elementwise
     work; ``verify``: check that the transformed model computes the same function on the small example
     (on by default; see ``fxsparse.passes.check_function`` for the tolerances per dtype).
     """
@@ -80,13 +97,21 @@ class S2FTConfig:
     verify: bool = True
 
     def __post_init__(self):
-        ratios = dict(DEFAULT_RATIOS if self.ratios is None else self.ratios)
-        for role, ratio in ratios.items():
+        given = DEFAULT_RATIOS if self.ratios is None else self.ratios
+        if not isinstance(given, Mapping):
+            raise ValueError(f"ratios={given!r} must be a mapping from projection to fraction, e.g. "
+                             f"{{'o': 0.1, 'down': 0.02}}; projections: {list(ROLES)}")
+        ratios = {}
+        for role, ratio in given.items():
             if role not in ROLES:
                 raise ValueError(f"unknown projection {role!r} in ratios; known: {list(ROLES)}")
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-                raise ValueError(f"ratio for {role!r} must be in [0, 1], got {ratio!r}")
+            value = as_real(ratio)
+            if value is None or not 0 <= value <= 1:
+                raise ValueError(f"ratio for {role!r} must be a real number in [0, 1], got {ratio!r}")
+            ratios[role] = value
         object.__setattr__(self, "ratios", ratios)
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        object.__setattr__(self, "layers", _check_layers(self.layers))
         if self.select not in CRITERIA:
             raise ValueError(f"unknown selection criterion select={self.select!r}; known: {list(CRITERIA)}")
         if self.select in ("activation", "gradient") and not self.calibration and self.plan is None:
@@ -143,6 +168,7 @@ def merge_s2ft(model: nn.Module) -> nn.Module:
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, True))
     del model._fxsparse_s2ft
+    lift_save_refusal(model)
     return model
 
 

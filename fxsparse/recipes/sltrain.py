@@ -29,6 +29,8 @@ drawn like ``A``": the low-rank-only pre-training baseline.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +41,7 @@ from fxsparse.passes.capture_graph import capture_graph
 from fxsparse.passes.find_structure import find_structure
 from fxsparse.passes.replace_sltrain import ROLES, default_alpha, default_rank, model_width, replace_sltrain
 from fxsparse.passes.train_all_parameters import train_all_parameters
-from fxsparse.recipes import Recipe, register_recipe
+from fxsparse.recipes import Recipe, as_real, check_seed, lift_save_refusal, register_recipe
 
 __all__ = [
     "SLTrainConfig",
@@ -60,10 +62,11 @@ def _is_int(value: Any) -> bool:
 def _check_common(rank, alpha, targets, seed) -> tuple[str, ...] | None:
     if rank is not None and (not _is_int(rank) or rank <= 0):
         raise ValueError(f"rank={rank!r} must be a positive int (or None for the width // 4 rule)")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0):
-        raise ValueError(f"alpha={alpha!r} must be a positive number (or None for the width rule)")
-    if not _is_int(seed):
-        raise ValueError(f"seed={seed!r} must be an int")
+    if alpha is not None:
+        value = as_real(alpha)
+        if value is None or not 0 < value < math.inf:
+            raise ValueError(f"alpha={alpha!r} must be a positive finite number (or None for the width rule)")
+    check_seed(seed)
     if targets is None:
         return None
     if isinstance(targets, str):
@@ -73,6 +76,14 @@ def _check_common(rank, alpha, targets, seed) -> tuple[str, ...] | None:
         raise ValueError(f"targets={targets!r} must be None or a non-empty list of role names {list(ROLES)} "
                          "or module paths")
     return targets
+
+
+def _normalise(config) -> None:
+    """Check the fields both configs share; store numpy/torch scalars as Python numbers."""
+    object.__setattr__(config, "targets", _check_common(config.rank, config.alpha, config.targets, config.seed))
+    object.__setattr__(config, "seed", check_seed(config.seed))
+    if config.alpha is not None:
+        object.__setattr__(config, "alpha", as_real(config.alpha))
 
 
 @dataclass(frozen=True)
@@ -88,11 +99,12 @@ class SLTrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", _check_common(self.rank, self.alpha, self.targets, self.seed))
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not (
-            0.0 < self.sparsity < 1.0
-        ):
-            raise ValueError(f"sparsity={self.sparsity!r} must be in (0, 1) (use recipe='lowrank' for none)")
+        _normalise(self)
+        sparsity = as_real(self.sparsity)
+        if sparsity is None or not 0.0 < sparsity < 1.0:
+            raise ValueError(f"sparsity={self.sparsity!r} must be a real number in (0, 1) (use recipe='lowrank' "
+                             "for none)")
+        object.__setattr__(self, "sparsity", sparsity)
         if self.support not in SUPPORTS:
             raise ValueError(f"unknown support {self.support!r}; expected one of {list(SUPPORTS)}")
         if not _is_int(self.block_size) or self.block_size <= 0:
@@ -116,7 +128,7 @@ class LowRankConfig:
     b_init: str = field(default="kaiming", init=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", _check_common(self.rank, self.alpha, self.targets, self.seed))
+        _normalise(self)
 
 
 def merge_sltrain(model: nn.Module) -> nn.Module:
@@ -124,9 +136,25 @@ def merge_sltrain(model: nn.Module) -> nn.Module:
     swaps = [(path, m) for path, m in model.named_modules() if isinstance(m, SLTrainLinear)]
     for path, layer in swaps:
         model.set_submodule(path, layer.to_linear())
+    lift_save_refusal(model)
     return model
 
 
+def _refuse_dead_layers(model: nn.Module, context: Mapping[str, Any]) -> None:
+    """A sparse layer whose support rounded to no non-zero would silently be a low-rank one: refuse it
+    (``apply_recipe`` then puts the model back)."""
+    config = context["config"]
+    dead = [path for path, m in model.named_modules() if isinstance(m, SLTrainLinear) and m.values.numel() == 0]
+    if dead:
+        path = min(dead, key=lambda p: model.get_submodule(p).out_features * model.get_submodule(p).in_features)
+        layer = model.get_submodule(path)
+        need = 1 / (layer.out_features * layer.in_features)
+        raise ValueError(f"sparsity={config.sparsity!r} rounds to no non-zero in {len(dead)} layer(s), the smallest "
+                         f"{path!r} ({layer.out_features} x {layer.in_features}): use sparsity >= {need:.3g}, or "
+                         "recipe='lowrank' for no sparse part")
+
+
 _PASSES = (capture_graph, find_structure, replace_sltrain, train_all_parameters)
-SLTRAIN = register_recipe(Recipe(name="sltrain", config_cls=SLTrainConfig, passes=_PASSES, merge=merge_sltrain))
+SLTRAIN = register_recipe(Recipe(name="sltrain", config_cls=SLTrainConfig, passes=_PASSES, merge=merge_sltrain,
+                                 finish=_refuse_dead_layers))
 LOWRANK = register_recipe(Recipe(name="lowrank", config_cls=LowRankConfig, passes=_PASSES, merge=merge_sltrain))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fxsparse
+import fxsparse.finetune
 from fxsparse.finetune import DEMO_SETTINGS, add_parser, parse_ratios, run
 from fxsparse.models import tiny_model
 
@@ -160,3 +161,34 @@ def test_parse_layers_and_layers_option_limits_trainable_blocks():
     model, _ = _transform(tiny_model("llama"), None, [], args)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(n.startswith("model.layers.1.") for n in names)
+
+
+def test_finetune_refuses_an_earlier_run_without_resume_or_overwrite(straight_run):
+    out, straight, _ = straight_run
+    before = (out / "metrics.json").read_text()
+    with pytest.raises(ValueError, match=r"already holds.*--resume.*--overwrite") as info:
+        _finetune(out)
+    assert str(out) in str(info.value)
+    with pytest.raises(ValueError, match=r"--resume and --overwrite"):
+        _finetune(out, "--resume", "--overwrite")
+    assert (out / "metrics.json").read_text() == before  # refused before touching anything
+
+
+def test_finetune_overwrite_starts_again_from_step_zero(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "metrics.json").write_text('{"stale": true}')
+    metrics = _finetune(tmp_path, "--overwrite", "--steps", "2")
+    assert metrics["resumed_from"] == 0 and metrics["steps"] == 2
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".part") == []
+
+
+def test_demo_rerun_replaces_its_own_output_with_a_notice(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fxsparse.finetune, "run", lambda args: {"overwrite": args.overwrite})
+    argv = ["demo", "--out", str(tmp_path)]
+    assert _parse(argv).func(_parse(argv)) == {"overwrite": False}  # nothing there yet: no notice
+    assert "replacing" not in capsys.readouterr().out
+    (tmp_path / "metrics.json").write_text("{}")
+    assert _parse(argv).func(_parse(argv)) == {"overwrite": True}
+    assert f"replacing the earlier demo run in {tmp_path}" in capsys.readouterr().out
+    assert _parse([*argv, "--resume"]).func(_parse([*argv, "--resume"])) == {"overwrite": False}

@@ -242,3 +242,36 @@ def test_every_block_factor_gets_a_gradient_from_scratch(recipe, options):
         assert torch.equal(param, other), f"{name} is not deterministic in the seed"
     if recipe == "lowrank":
         assert all(p.abs().sum() > 0 for n, p in first.named_parameters() if n.endswith(".B"))
+
+
+def test_rerun_into_an_earlier_run_needs_resume_or_overwrite(tiny_setup, tmp_path):
+    out = tmp_path / "a"
+    run(_args(tiny_setup, out, "--recipe", "dense", "--steps", "2"))
+    before = (out / "metrics.json").read_text()
+    with pytest.raises(ValueError, match=r"already holds.*--resume.*--overwrite") as info:
+        run(_args(tiny_setup, out, "--recipe", "dense", "--steps", "2"))
+    assert str(out) in str(info.value) and (out / "metrics.json").read_text() == before
+    with pytest.raises(ValueError, match=r"--resume and --overwrite"):
+        run(_args(tiny_setup, out, "--recipe", "dense", "--steps", "2", "--resume", "--overwrite"))
+    again = run(_args(tiny_setup, out, "--recipe", "dense", "--steps", "3", "--overwrite"))
+    assert again["steps_done"] == 3 and len(again["history"]) == 3
+    assert json.loads((out / "metrics.json").read_text())["steps_done"] == 3
+
+
+def test_non_finite_loss_stops_before_the_checkpoint(tiny_setup, tmp_path, monkeypatch):
+    import fxsparse.pretrain
+
+    real = fxsparse.pretrain.accumulate_gradients
+    calls = {"n": 0}
+
+    def inf_at_step_two(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return float("inf") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(fxsparse.pretrain, "accumulate_gradients", inf_at_step_two)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"inf at step 2"):
+        run(_args(tiny_setup, out, "--recipe", "dense", "--steps", "3", "--save-every", "1"))
+    assert _checkpoint(out)["step"] == 1
+    assert not (out / "metrics.json").exists()

@@ -7,9 +7,19 @@ import math
 import pytest
 import torch
 
+import fxsparse.train
 from fxsparse.data import BatchStream, CharTokenizer, collate, encode_examples, task_splits
 from fxsparse.models import TINY_ARCHS, tiny_model
-from fxsparse.train import CHECKPOINT_NAME, accumulate_gradients, causal_lm_loss, lr_factor, train
+from fxsparse.train import (
+    CHECKPOINT_NAME,
+    NonFiniteLossError,
+    accumulate_gradients,
+    causal_lm_loss,
+    check_out_dir,
+    lr_factor,
+    train,
+    write_text_atomic,
+)
 
 TOK = CharTokenizer()
 
@@ -210,3 +220,54 @@ def test_train_needs_trainable_parameters():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train(model, BatchStream(_encoded(4), 2, 0), steps=1, progress=False)
+
+
+def test_non_finite_loss_stops_before_that_step_is_saved(tmp_path, monkeypatch):
+    real = fxsparse.train.accumulate_gradients
+    calls = {"n": 0}
+
+    def nan_at_step_two(model, micro_batches):
+        calls["n"] += 1
+        loss, total = real(model, micro_batches)
+        return (float("nan") if calls["n"] == 2 else loss), total
+
+    monkeypatch.setattr(fxsparse.train, "accumulate_gradients", nan_at_step_two)
+    model = tiny_model("llama")
+    stream = BatchStream(_encoded(8), batch_size=4, pad_id=TOK.pad_token_id)
+    with pytest.raises(FloatingPointError, match=r"nan at step 2") as info:
+        train(model, stream, steps=3, lr=1e-3, checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, NonFiniteLossError)  # CLI: clean exit 2
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert saved["step"] == 1 and len(saved["losses"]) == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_write_text_atomic_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    write_text_atomic(path, "old")
+    assert path.read_text() == "old"
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fxsparse.train.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, "new")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    monkeypatch.undo()
+    write_text_atomic(path, "new")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_check_out_dir_needs_resume_or_overwrite_over_an_earlier_run(tmp_path):
+    assert check_out_dir(tmp_path / "fresh", ["last.pt"], resume=False, overwrite=False) is False
+    (tmp_path / "last.pt").write_text("x")
+    with pytest.raises(ValueError, match=r"already holds.*--resume.*--overwrite") as info:
+        check_out_dir(tmp_path, ["last.pt", "metrics.json"], resume=False, overwrite=False)
+    assert str(tmp_path) in str(info.value)
+    with pytest.raises(ValueError, match="contradict"):
+        check_out_dir(tmp_path, ["last.pt"], resume=True, overwrite=True)
+    assert check_out_dir(tmp_path, ["last.pt"], resume=True, overwrite=False) is True
+    assert (tmp_path / "last.pt").exists()
+    assert check_out_dir(tmp_path, ["last.pt"], resume=False, overwrite=True) is True
+    assert not (tmp_path / "last.pt").exists()  # a crash of the new run cannot leave the old one to resume
