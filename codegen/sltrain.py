@@ -71,8 +71,6 @@ __all__ = [
     "launch_counts",
 ]
 
-# torch warns once per process that CSR is "beta"; the CSR ops used here (SpMM, sampled_addmm) are stable.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # ---------------------------------------------------------------- tuning constants
 #
@@ -418,7 +416,11 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tupl
     """A CSR matrix for MKL; MKL has no bf16/fp16 kernels, so those run in float32."""
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()
-    return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+    # torch warns that CSR is "beta"; the CSR ops used here (SpMM, sampled_addmm) are stable. The filter is
+    # local: a library installs no global warning filters.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
 def _scaled_h(x: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
