@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[app,test]"
 	touch $(STAMP)
 
 # The full run (CI): every test, the real-model ones included, and every docstring example (tests/test_doctests.py).

@@ -148,7 +148,7 @@ def run(args) -> list[dict]:
 
         base, model_name = tiny_model("llama"), "tiny-llama"
     else:
-        from fxsparse.models import load_default_model
+        from fxsparse.app.models import load_default_model
 
         base, _ = load_default_model()
         model_name = "SmolLM2-135M-Instruct"

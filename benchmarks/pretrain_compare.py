@@ -9,7 +9,7 @@ from the CSV and the per-run metrics JSON copied next to it.
 
 Rank and sparsity scale the paper's choice to the small preset: rank = hidden / 4 (the paper: 128 for
 hidden 512), sparsity delta = 0.03, alpha = 32 (the paper's value below width 1024), block edge 16.
-The low-rank-only baseline starts with both factors random (``fxsparse.pretrain`` re-draws ``B``): with
+The low-rank-only baseline starts with both factors random (``fxsparse.app.pretrain`` re-draws ``B``): with
 ``B = 0`` and no sparse part every block gradient is exactly zero and the blocks never train.
 
 Scale: the paper trains its 60M model on 1.1B tokens (11 000 steps of 131k tokens); a CPU run here sees
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from _env import device_name, git_rev, require_clean_tree
 
-from fxsparse.pretrain import PRESETS, parse_args, run
+from fxsparse.app.pretrain import PRESETS, parse_args, run
 
 # label -> extra pretrain arguments; the baselines first, so an interrupted comparison still has them
 RECIPES = {
@@ -231,7 +231,7 @@ def main() -> None:
         write_report(results)
         return
     require_clean_tree(args.allow_dirty)
-    from fxsparse.pretrain import _load_tokenizer
+    from fxsparse.app.pretrain import _load_tokenizer
 
     tokenizer = _load_tokenizer("smollm2")
     # the settings tag keeps two comparisons started in the same second (say, two learning rates) apart

@@ -136,10 +136,10 @@ def tune_model(model: nn.Module, tokens: Sequence[int] = (2048,), dtypes: Sequen
 
 
 def _load(args: argparse.Namespace) -> nn.Module:
-    from fxsparse.models import load_model
+    from fxsparse.app.models import load_model
 
     try:
-        from fxsparse.pretrain import PRESETS, build_model
+        from fxsparse.app.pretrain import PRESETS, build_model
     except ImportError:
         PRESETS, build_model = {}, None
     name = args.model or "smollm2"
@@ -157,7 +157,7 @@ def _recipe_options(args: argparse.Namespace) -> dict[str, Any]:
         if extra:
             raise ValueError(f"{', '.join(extra)} apply to sltrain/lowrank, not to recipe s2ft")
         if args.ratios is not None:
-            from fxsparse.finetune import parse_ratios
+            from fxsparse.app.finetune import parse_ratios
 
             options["ratios"] = parse_ratios(args.ratios)
         return options

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 def smollm2():
     """(model, tokenizer) of the embedded default model: an ordinary float32 transformers model (no quantizer
     markers), eval mode. Do not mutate the model: tests that transform it take ``smollm2_copy``."""
-    from fxsparse.models import load_default_model
+    from fxsparse.app.models import load_default_model
 
     return load_default_model(torch.float32)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxsparse.cli import main
+from fxsparse.app.cli import main
 from fxsparse.codegen import autotune, cache
 from fxsparse.codegen.autotune import Config, kernels_mode, pick_config, record_picks, tuned_records, use_triton
 from fxsparse.tune import format_table, tune_model

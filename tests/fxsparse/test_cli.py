@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxsparse
-from fxsparse.cli import main
+from fxsparse.app.cli import main
 from fxsparse.models import tiny_model
 
 

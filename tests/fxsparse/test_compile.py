@@ -139,7 +139,7 @@ def test_backend_works_without_importing_fxsparse_first(tmp_path):
 
 
 def test_compile_module_keeps_names_and_pretrain_cli_switch(monkeypatch):
-    from fxsparse import pretrain
+    from fxsparse.app import pretrain
 
     args = pretrain.parse_args(["--preset", "60m", "--compile"])
     assert args.compile == "fxsparse"
@@ -156,7 +156,7 @@ def test_finetune_cli_compiles_training_only(tmp_path, monkeypatch):
     import argparse
 
     import fxsparse.compile
-    from fxsparse.finetune import add_parser, run
+    from fxsparse.app.finetune import add_parser, run
 
     calls = []
     real = fxsparse.compile.compile_module

@@ -1,4 +1,4 @@
-"""Tests for fxsparse.corpus: file discovery, cached tokenisation, held-out split by document, packing."""
+"""Tests for fxsparse.app.corpus: file discovery, cached tokenisation, held-out split by document, packing."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fxsparse import corpus as corpus_mod
-from fxsparse.corpus import (
+from fxsparse.app import corpus as corpus_mod
+from fxsparse.app.corpus import (
     ByteTokenizer,
     default_corpus_files,
     find_text_files,

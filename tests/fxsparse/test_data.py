@@ -9,7 +9,7 @@ import string
 import pytest
 import torch
 
-from fxsparse.data import (
+from fxsparse.app.data import (
     IGNORE_INDEX,
     TASKS,
     BatchStream,

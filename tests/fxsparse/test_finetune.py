@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fxsparse
-import fxsparse.finetune
-from fxsparse.finetune import DEMO_SETTINGS, add_parser, parse_ratios, run
+import fxsparse.app.finetune
+from fxsparse.app.finetune import DEMO_SETTINGS, add_parser, parse_ratios, run
 from fxsparse.models import tiny_model
 
 
@@ -71,9 +71,9 @@ class _Killed(Exception):
 def test_finetune_resume_after_a_crash_reaches_the_same_result(straight_run, tmp_path, monkeypatch):
     straight_dir, straight, _ = straight_run
 
-    import fxsparse.data
+    import fxsparse.app.data
 
-    real_next = fxsparse.data.BatchStream.__next__
+    real_next = fxsparse.app.data.BatchStream.__next__
     calls = {"n": 0}
 
     def crash_after_three(self):
@@ -82,12 +82,12 @@ def test_finetune_resume_after_a_crash_reaches_the_same_result(straight_run, tmp
             raise _Killed
         return real_next(self)
 
-    monkeypatch.setattr(fxsparse.data.BatchStream, "__next__", crash_after_three)
+    monkeypatch.setattr(fxsparse.app.data.BatchStream, "__next__", crash_after_three)
     with pytest.raises(_Killed):
         _finetune(tmp_path / "b", "--checkpoint-every", "2")
     assert torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "b" / "metrics.json").exists()
-    monkeypatch.setattr(fxsparse.data.BatchStream, "__next__", real_next)
+    monkeypatch.setattr(fxsparse.app.data.BatchStream, "__next__", real_next)
 
     resumed = _finetune(tmp_path / "b", "--checkpoint-every", "2", "--resume")
     assert resumed["resumed_from"] == 2 and resumed["steps"] == 4
@@ -151,7 +151,7 @@ def test_demo_parser_defaults_are_the_documented_demo():
 
 
 def test_parse_layers_and_layers_option_limits_trainable_blocks():
-    from fxsparse.finetune import _transform, parse_layers
+    from fxsparse.app.finetune import _transform, parse_layers
 
     assert parse_layers("3, 0-1,1") == [0, 1, 3]
     for bad in ("a", "2-1", "-1"):
@@ -184,7 +184,7 @@ def test_finetune_overwrite_starts_again_from_step_zero(tmp_path):
 
 
 def test_demo_rerun_replaces_its_own_output_with_a_notice(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(fxsparse.finetune, "run", lambda args: {"overwrite": args.overwrite})
+    monkeypatch.setattr(fxsparse.app.finetune, "run", lambda args: {"overwrite": args.overwrite})
     argv = ["demo", "--out", str(tmp_path)]
     assert _parse(argv).func(_parse(argv)) == {"overwrite": False}  # nothing there yet: no notice
     assert "replacing" not in capsys.readouterr().out

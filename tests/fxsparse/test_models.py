@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import fxsparse
-from fxsparse import models
-from fxsparse.models import GGUF_FILE, WHEEL_ENV
+from fxsparse.app import models
+from fxsparse.app.models import GGUF_FILE, WHEEL_ENV
 
 PAYLOAD_BYTES = 3 << 20  # several copy chunks, so a writer frozen after its first chunk holds a partial file
 PROBE = "<|im_start|>user\nWhat is 37 + 48?<|im_end|>\n<|im_start|>assistant\n"
@@ -134,7 +134,7 @@ def test_corrupt_entry_is_fetched_again_never_served(fake_cache, damage):
 CHILD = """
 import os, sys, time
 from pathlib import Path
-from fxsparse import models
+from fxsparse.app import models
 
 def freeze(*_):
     Path(os.environ["FLAG"]).write_text("frozen")

@@ -1,4 +1,4 @@
-"""Tests for fxsparse.pretrain: presets, schedule, data order, gradient accumulation and exact resume."""
+"""Tests for fxsparse.app.pretrain: presets, schedule, data order, gradient accumulation and exact resume."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fxsparse.corpus import ByteTokenizer
-from fxsparse.pretrain import (
+from fxsparse.app.corpus import ByteTokenizer
+from fxsparse.app.pretrain import (
     PRESETS,
     Preset,
     TrainBatches,
@@ -259,9 +259,9 @@ def test_rerun_into_an_earlier_run_needs_resume_or_overwrite(tiny_setup, tmp_pat
 
 
 def test_non_finite_loss_stops_before_the_checkpoint(tiny_setup, tmp_path, monkeypatch):
-    import fxsparse.pretrain
+    import fxsparse.app.pretrain
 
-    real = fxsparse.pretrain.accumulate_gradients
+    real = fxsparse.app.pretrain.accumulate_gradients
     calls = {"n": 0}
 
     def inf_at_step_two(*args, **kwargs):
@@ -269,7 +269,7 @@ def test_non_finite_loss_stops_before_the_checkpoint(tiny_setup, tmp_path, monke
         loss = real(*args, **kwargs)
         return float("inf") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(fxsparse.pretrain, "accumulate_gradients", inf_at_step_two)
+    monkeypatch.setattr(fxsparse.app.pretrain, "accumulate_gradients", inf_at_step_two)
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError, match=r"inf at step 2"):
         run(_args(tiny_setup, out, "--recipe", "dense", "--steps", "3", "--save-every", "1"))

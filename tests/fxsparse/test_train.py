@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-import fxsparse.train
-from fxsparse.data import BatchStream, CharTokenizer, collate, encode_examples, task_splits
-from fxsparse.models import TINY_ARCHS, tiny_model
-from fxsparse.train import (
+import fxsparse.app.train
+from fxsparse.app.data import BatchStream, CharTokenizer, collate, encode_examples, task_splits
+from fxsparse.app.train import (
     CHECKPOINT_NAME,
     NonFiniteLossError,
     accumulate_gradients,
@@ -20,6 +19,7 @@ from fxsparse.train import (
     train,
     write_text_atomic,
 )
+from fxsparse.models import TINY_ARCHS, tiny_model
 
 TOK = CharTokenizer()
 
@@ -223,7 +223,7 @@ def test_train_needs_trainable_parameters():
 
 
 def test_non_finite_loss_stops_before_that_step_is_saved(tmp_path, monkeypatch):
-    real = fxsparse.train.accumulate_gradients
+    real = fxsparse.app.train.accumulate_gradients
     calls = {"n": 0}
 
     def nan_at_step_two(model, micro_batches):
@@ -231,7 +231,7 @@ def test_non_finite_loss_stops_before_that_step_is_saved(tmp_path, monkeypatch):
         loss, total = real(model, micro_batches)
         return (float("nan") if calls["n"] == 2 else loss), total
 
-    monkeypatch.setattr(fxsparse.train, "accumulate_gradients", nan_at_step_two)
+    monkeypatch.setattr(fxsparse.app.train, "accumulate_gradients", nan_at_step_two)
     model = tiny_model("llama")
     stream = BatchStream(_encoded(8), batch_size=4, pad_id=TOK.pad_token_id)
     with pytest.raises(FloatingPointError, match=r"nan at step 2") as info:
@@ -250,7 +250,7 @@ def test_write_text_atomic_keeps_the_old_file_when_interrupted(tmp_path, monkeyp
     def killed(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fxsparse.train.os, "replace", killed)
+    monkeypatch.setattr(fxsparse.app.train.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         write_text_atomic(path, "new")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

@@ -154,8 +154,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _load(model_name: str):
-    from fxsparse.data import CharTokenizer
-    from fxsparse.models import load_model
+    from fxsparse.app.data import CharTokenizer
+    from fxsparse.app.models import load_model
 
     model, tokenizer = load_model(model_name)
     if tokenizer is None:
@@ -171,7 +171,7 @@ def _load(model_name: str):
 
 
 def _examples(args):
-    from fxsparse.data import TASKS, load_jsonl, task_splits
+    from fxsparse.app.data import TASKS, load_jsonl, task_splits
 
     if args.data:
         examples = load_jsonl(args.data)
@@ -210,7 +210,7 @@ def _check_args(args) -> None:
 
 
 def _evaluate(model, tokenizer, heldout, args, label: str) -> tuple[float | None, list[str]]:
-    from fxsparse.data import exact_match
+    from fxsparse.app.data import exact_match
 
     if not heldout:
         return None, []
@@ -251,7 +251,7 @@ def _transform(model, tokenizer, train_examples, args) -> tuple[Any, dict[str, f
     if args.layers:
         options["layers"] = parse_layers(args.layers)
     if args.select in ("activation", "gradient"):
-        from fxsparse.data import collate, encode_examples
+        from fxsparse.app.data import collate, encode_examples
 
         encoded = encode_examples(tokenizer, train_examples[: 2 * args.batch_size], args.seq_len)
         options["calibration"] = [collate(encoded[i : i + args.batch_size], tokenizer.pad_token_id)
@@ -262,8 +262,8 @@ def _transform(model, tokenizer, train_examples, args) -> tuple[Any, dict[str, f
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``fxsparse finetune`` with parsed ``args``; returns the metrics also written to metrics.json."""
     import fxsparse
-    from fxsparse.data import TASKS, BatchStream, encode_examples
-    from fxsparse.train import check_out_dir, train, write_text_atomic
+    from fxsparse.app.data import TASKS, BatchStream, encode_examples
+    from fxsparse.app.train import check_out_dir, train, write_text_atomic
 
     if args.list_tasks:
         for name, (description, _) in TASKS.items():

@@ -352,12 +352,12 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
 
 def _load_tokenizer(name: str):
     if name == "bytes":
-        from fxsparse.corpus import ByteTokenizer
+        from fxsparse.app.corpus import ByteTokenizer
 
         return ByteTokenizer()
     if name != "smollm2":
         raise ValueError(f"unknown tokenizer {name!r}; choose 'smollm2' or 'bytes'")
-    from fxsparse.models import load_default_tokenizer
+    from fxsparse.app.models import load_default_tokenizer
 
     # from the converted checkpoint the default model is cached as: no 4 s GGUF tokenizer parse per command
     return load_default_tokenizer()
@@ -444,8 +444,8 @@ def run(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     """
     from tqdm.auto import tqdm
 
-    from fxsparse.corpus import load_corpus, pack_sequences, split_documents
-    from fxsparse.train import check_finite_loss, check_out_dir, write_text_atomic
+    from fxsparse.app.corpus import load_corpus, pack_sequences, split_documents
+    from fxsparse.app.train import check_finite_loss, check_out_dir, write_text_atomic
 
     _validate(args)
     if args.threads:

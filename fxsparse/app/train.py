@@ -6,7 +6,7 @@ losses over all of them divided by their total number of response tokens, so two
 ``grad_accum=2`` give the same update as one full batch.
 
 >>> from fxsparse.models import tiny_model
->>> from fxsparse.data import BatchStream, CharTokenizer, encode_examples, task_splits
+>>> from fxsparse.app.data import BatchStream, CharTokenizer, encode_examples, task_splits
 >>> tok = CharTokenizer()
 >>> stream = BatchStream(encode_examples(tok, task_splits("add", 8, 0)[0]), batch_size=4, pad_id=0)
 >>> result = train(tiny_model("llama"), stream, steps=2, lr=1e-3, progress=False)
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import fxsparse
-from fxsparse.data import IGNORE_INDEX
+from fxsparse.app.data import IGNORE_INDEX
 
 __all__ = [
     "TrainResult", "train", "accumulate_gradients", "causal_lm_loss", "lr_factor", "CHECKPOINT_NAME",
@@ -249,8 +249,8 @@ def train(
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimizer steps on micro-batches drawn from ``batches``.
 
-    ``batches`` yields dicts from :func:`fxsparse.data.collate`; if it has ``state_dict`` /
-    ``load_state_dict`` (like :class:`fxsparse.data.BatchStream`), its position is checkpointed too.
+    ``batches`` yields dicts from :func:`fxsparse.app.data.collate`; if it has ``state_dict`` /
+    ``load_state_dict`` (like :class:`fxsparse.app.data.BatchStream`), its position is checkpointed too.
     ``resume`` is ``True`` (the latest checkpoint in ``checkpoint_dir``) or a checkpoint file.
     A NaN or infinite loss raises :class:`NonFiniteLossError` before that step updates or saves anything.
     """

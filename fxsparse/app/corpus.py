@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxsparse.models import cache_dir
+from fxsparse.app.models import cache_dir
 
 __all__ = [
     "DEFAULT_CORPUS_DIR",

@@ -18,7 +18,7 @@ __all__ = ["main", "build_parser", "format_structure"]
 
 # Subcommands whose options and behaviour live in their own module: module.add_parser(subparsers)
 # registers the subcommand, module.run(args) runs it.
-_DELEGATED = {"finetune": "fxsparse.finetune", "demo": "fxsparse.finetune", "pretrain": "fxsparse.pretrain"}
+_DELEGATED = {"finetune": "fxsparse.app.finetune", "demo": "fxsparse.app.finetune", "pretrain": "fxsparse.app.pretrain"}
 
 
 def format_structure(structure) -> str:
@@ -49,7 +49,7 @@ def format_structure(structure) -> str:
 
 def _inspect(args) -> dict:
     import fxsparse
-    from fxsparse.models import load_model
+    from fxsparse.app.models import load_model
 
     model, _ = load_model(args.model)
     structure = fxsparse.inspect(model)
@@ -60,7 +60,7 @@ def _inspect(args) -> dict:
 
 def _merge(args) -> dict:
     import fxsparse
-    from fxsparse.models import load_model
+    from fxsparse.app.models import load_model
 
     model, tokenizer = load_model(args.model)
     fxsparse.load_adapter(model, args.adapter)
@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What `pip install fxsparse[app]` adds to the library's dependencies (pyproject.toml).
+_APP_EXTRAS = {"tqdm", "gguf", "matplotlib", "numpy"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -140,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except ValueError as exc:
         print(f"fxsparse {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in _APP_EXTRAS:
+            raise
+        print(f"fxsparse {args.command}: error: the command needs {exc.name!r}, one of the application's extras: "
+              "pip install 'fxsparse[app]'", file=sys.stderr)
         return 2
     return 0
 
