@@ -5,7 +5,8 @@ AdamW over the trainable parameters. Providers (all in one run, repeats interlea
 
 - ``floor``: the same model with no weight gradient at all: every parameter frozen, only the embedding
   output requires grad, so backward still runs through every block (the cost any method that trains
-  weights inside the blocks must pay), eager;
+  weights inside the blocks must pay), eager; ``floor_fxsparse``: the floor compiled with the fxsparse backend
+  (what compilation alone takes off the floor: S²FT compiled against it shows the cost of S²FT itself);
 - ``s2ft``: ``fxsparse.transform(model, "s2ft")`` with the default ratios (``o`` 0.052, ``down`` 0.02), eager;
 - ``s2ft_inductor``: the same model under ``torch.compile`` with inductor (what the passes add is the
   difference to the next row);
@@ -52,7 +53,7 @@ CSV_NAME, MD_NAME = "compile.csv", "compile.md"
 DEFAULT_RATIOS = {"o": 0.052, "down": 0.02}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::addbmm"}
-PROVIDERS = ("floor", "s2ft", "s2ft_inductor", "s2ft_fxsparse", "lora", "lora_inductor", "full")
+PROVIDERS = ("floor", "floor_fxsparse", "s2ft", "s2ft_inductor", "s2ft_fxsparse", "lora", "lora_inductor", "full")
 FIELDS = ["date", "device", "git_rev", "torch", "threads", "model", "batch", "seq", "provider", "median_ms",
           "cpu_ms", "min_ms", "ratio_to_floor", "ratio_to_lora_inductor", "cpu_ratio_to_floor",
           "cpu_ratio_to_lora_inductor", "gemm_ms", "gemm_limit_to_floor", "saved_mb", "saved_ratio_to_full",
@@ -69,10 +70,18 @@ def _freeze_all(model: nn.Module) -> nn.Module:
 
 
 def build_floor(base: nn.Module) -> nn.Module:
-    """Every weight frozen; the input embedding's output requires grad (backward reaches every block)."""
-    model = _freeze_all(copy.deepcopy(base))
-    model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
-    return model
+    """Every weight frozen; the model is fed embeddings that require grad (backward reaches every block).
+
+    The embedding lookup happens outside the model (:func:`floor_inputs`), so the compiled floor sees the same
+    leaf tensor as the eager one (a ``requires_grad_`` inside a compiled graph would break it).
+    """
+    return _freeze_all(copy.deepcopy(base))
+
+
+def floor_inputs(model: nn.Module, batch: dict) -> dict:
+    """``input_ids`` -> ``inputs_embeds`` that require grad, for the floor providers."""
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    return {"inputs_embeds": embeds, "labels": batch["labels"]}
 
 
 def build_s2ft(base: nn.Module) -> nn.Module:
@@ -96,10 +105,9 @@ def build_full(base: nn.Module) -> nn.Module:
 
 def build(name: str, base: nn.Module, shared: dict) -> tuple[nn.Module, nn.Module]:
     """(module to call, the underlying model). Compiled providers share the eager provider's model."""
-    if name == "floor":
+    if name.startswith("floor"):
         model = build_floor(base)
-        return model, model
-    if name.startswith("s2ft"):
+    elif name.startswith("s2ft"):
         model = build_s2ft(base) if name == "s2ft" or "s2ft" not in shared else copy.deepcopy(shared["s2ft"])
         shared.setdefault("s2ft", model)
     elif name.startswith("lora"):
@@ -127,10 +135,13 @@ class Runner:
         self.cpu_times: list[float] = []
         self.compile_s = 0.0
 
+    def inputs(self, batch: dict) -> dict:
+        return floor_inputs(self.model, batch) if self.name.startswith("floor") else batch
+
     def step(self, batch: dict) -> tuple[float, float]:
         """(wall seconds, process CPU seconds) of one training step."""
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = self.fn(**batch).loss
+        loss = self.fn(**self.inputs(batch)).loss
         loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
@@ -154,7 +165,7 @@ class Runner:
 
     def saved_bytes(self, batch: dict) -> int:
         with SavedActivations(exclude=[*self.model.parameters(), *self.model.buffers()]) as saved:
-            loss = self.fn(**batch).loss
+            loss = self.fn(**self.inputs(batch)).loss
         loss.backward()
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
