@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_name", "device_name", "git_rev", "require_clean_tree", "load_average"]
+__all__ = ["append_rows", "base_model", "cpu_name", "device_name", "git_rev", "load_average", "read_rows",
+           "require_clean_tree"]
 
 
 def cpu_name() -> str:
@@ -68,3 +69,35 @@ def load_average() -> float:
         return float(Path("/proc/loadavg").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return float("nan")
+
+
+def base_model(tiny: bool):
+    """``(model, name)``: a tiny random LLaMA for smoke runs, else SmolLM2-135M-Instruct (float32)."""
+    if tiny:
+        from fxsparse.models import tiny_model
+
+        return tiny_model("llama"), "tiny-llama"
+    from fxsparse.app.models import load_default_model
+
+    return load_default_model()[0], "SmolLM2-135M-Instruct"
+
+
+def append_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path`` (header written when the file is new; missing fields blank)."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Every row of the CSV at ``path``."""
+    import csv
+
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))

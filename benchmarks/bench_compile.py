@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-from _env import cpu_name, git_rev, load_average, require_clean_tree
+from _env import base_model, cpu_name, git_rev, load_average, require_clean_tree
 from torch import nn
 
 import fxsparse
@@ -181,15 +181,7 @@ def _fusion_summary(model: nn.Module) -> str:
 def run(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.tiny:
-        from fxsparse.models import tiny_model
-
-        base, model_name = tiny_model("llama"), "tiny-llama"
-    else:
-        from fxsparse.app.models import load_default_model
-
-        base, _ = load_default_model()
-        model_name = "SmolLM2-135M-Instruct"
+    base, model_name = base_model(args.tiny)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=generator)
     batch = {"input_ids": ids, "labels": ids}

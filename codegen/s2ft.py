@@ -835,7 +835,10 @@ class _S2FTEager(torch.autograd.Function):
         with torch._C._AutoDispatchBelowAutograd():
             output = torch.ops.fxsparse.s2ft_linear.default(*inputs)
         _s2ft_setup_context(ctx, inputs, output)
-        return output
+        # The op's output may be a reshaped view of its 2-D result; autograd forbids in-place updates of a view
+        # returned by a multi-output Function (``y += residual`` in Falcon's block). The result owns its storage,
+        # so hand it out as a plain alias (detach: same storage, no copy, not a view for autograd).
+        return tuple(t.detach() if t._is_view() else t for t in output)
 
     @staticmethod
     def backward(ctx, grad_y, grad_x_sel):

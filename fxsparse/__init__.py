@@ -22,6 +22,8 @@ __all__ = [
     "merge",
     "save_adapter",
     "load_adapter",
+    "materialize",
+    "export_lora",
     "trainable_parameters",
     "print_trainable_parameters",
     "compile_report",
@@ -87,11 +89,27 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     return _save(model, path)
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Apply a saved S²FT adapter onto a fresh base model of the same architecture."""
+def load_adapter(model: nn.Module, path: str | Path, allow_other_base: bool = False) -> nn.Module:
+    """Apply a saved S²FT adapter onto a fresh base model of the same architecture (the base it was trained
+    on, unless ``allow_other_base=True``; see :mod:`fxsparse.adapters`)."""
     from fxsparse.adapters import load_adapter as _load
 
-    return _load(model, path)
+    return _load(model, path, allow_other_base=allow_other_base)
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """Rebuild the index buffers and SLTrain supports of a model transformed on the meta device after
+    ``model.to_empty(device=...)`` (see :func:`fxsparse.layers.materialize`); returns ``model``."""
+    from fxsparse.layers import materialize as _materialize
+
+    return _materialize(model)
+
+
+def export_lora(model: nn.Module, path: str | Path, **options) -> Path:
+    """Write a trained S²FT model's update as a PEFT LoRA adapter folder (see :mod:`fxsparse.export`)."""
+    from fxsparse.export import export_lora as _export
+
+    return _export(model, path, **options)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

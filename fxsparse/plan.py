@@ -23,7 +23,7 @@ from fxsparse.structure import Block, Structure
 
 __all__ = [
     "ROLES", "HEAD_ROLES", "KV_ROLES", "CHANNEL_ROLES", "CRITERIA", "ROLE_DIM",
-    "Plan", "arch_of", "unit_count", "unit_size",
+    "Plan", "arch_of", "unit_count", "unit_size", "check_ratios",
 ]
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -34,6 +34,31 @@ CRITERIA = ("random", "weight", "activation", "gradient")
 # Producers own output rows of their weight (dim 0), consumers input columns (dim 1).
 ROLE_DIM = {"q": 0, "k": 0, "v": 0, "gate": 0, "up": 0, "o": 1, "down": 1}
 _ARCH_KEYS = ("blocks", "num_heads", "num_kv_heads", "head_dim", "channels")
+
+
+def check_ratios(ratios: Any) -> dict[str, float]:
+    """The one check of S²FT ratios: a mapping from role to a real number in [0, 1] (Python, numpy or a 0-dim
+    tensor; not a bool); returns plain floats, or raises ``ValueError`` naming the bad entry and what is allowed.
+
+    >>> check_ratios({"o": 0.1, "down": 1})
+    {'o': 0.1, 'down': 1.0}
+    """
+    from collections.abc import Mapping
+
+    from fxsparse.recipes import as_real  # the recipes package imports this module
+
+    if not isinstance(ratios, Mapping):
+        raise ValueError(f"ratios={ratios!r} must be a mapping from projection to fraction, e.g. "
+                         f"{{'o': 0.1, 'down': 0.02}}; projections: {list(ROLES)}")
+    checked = {}
+    for role, ratio in ratios.items():
+        if role not in ROLES:
+            raise ValueError(f"unknown projection {role!r} in ratios; known: {list(ROLES)}")
+        value = as_real(ratio)
+        if value is None or not 0 <= value <= 1:
+            raise ValueError(f"ratio for {role!r} must be a real number in [0, 1], got {ratio!r}")
+        checked[role] = value
+    return checked
 
 
 def unit_count(block: Block, role: str) -> int:
@@ -49,7 +74,7 @@ def unit_count(block: Block, role: str) -> int:
 
 def unit_size(block: Block, role: str) -> int:
     """Rows/columns per unit: ``head_dim`` for heads, 1 for FFN channels."""
-    return block.attention.head_dim if role in HEAD_ROLES + KV_ROLES else 1
+    return block.attention.unit_size(role) if role in HEAD_ROLES + KV_ROLES else 1
 
 
 def _bad(message: str) -> ValueError:
@@ -98,11 +123,10 @@ class Plan:
         _as_int(self.seed, "seed")
         if not isinstance(self.ratios, dict):
             raise _bad(f"ratios must be a dict, got {type(self.ratios).__name__}")
-        for role, ratio in self.ratios.items():
-            if role not in ROLES:
-                raise _bad(f"unknown role {role!r} in ratios; known: {list(ROLES)}")
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-                raise _bad(f"ratio for {role!r} must be a number in [0, 1], got {ratio!r}")
+        try:
+            check_ratios(self.ratios)
+        except ValueError as err:
+            raise _bad(str(err)) from None
         blocks = self.arch["blocks"]
         if self.layers is not None:
             self.layers = [_as_int(i, "layers entry") for i in self.layers]
@@ -130,9 +154,13 @@ class Plan:
                 if not isinstance(selected, (list, tuple)):
                     raise _bad(f"units of block {block} role {role!r} must be a list, got {selected!r}")
                 values = sorted(_as_int(u, f"unit of block {block} role {role!r}") for u in selected)
-                bad = [u for u in values if not 0 <= u < limits[role]]
+                limit = limits[role]
+                sizes = self.arch.get("sizes")
+                if isinstance(sizes, list) and block < len(sizes):  # blocks of different sizes
+                    limit = sizes[block][0 if role in HEAD_ROLES else 1 if role in KV_ROLES else 3]
+                bad = [u for u in values if not 0 <= u < limit]
                 if bad:
-                    raise _bad(f"units {bad} of block {block} role {role!r} outside [0, {limits[role]})")
+                    raise _bad(f"units {bad} of block {block} role {role!r} outside [0, {limit})")
                 if len(set(values)) != len(values):
                     raise _bad(f"duplicate units in block {block} role {role!r}: {values}")
                 if values:
@@ -150,7 +178,7 @@ class Plan:
     def check_structure(self, structure: Structure) -> None:
         """``ValueError`` if ``structure`` is not the architecture this plan was made for."""
         arch = arch_of(structure)
-        diff = {k: (self.arch[k], arch[k]) for k in _ARCH_KEYS if self.arch[k] != arch[k]}
+        diff = {k: (self.arch.get(k), arch.get(k)) for k in (*_ARCH_KEYS, "sizes") if self.arch.get(k) != arch.get(k)}
         if diff:
             raise ValueError(f"plan was made for another architecture: (plan, model) differ in {diff}")
 
@@ -224,10 +252,11 @@ def _block_key(key: Any) -> int:
 
 
 def arch_of(structure: Structure) -> dict[str, int]:
-    """The ``arch`` record of a plan: block count and the (uniform) head/channel sizes of ``structure``.
+    """The ``arch`` record of a plan: block count and the head/channel sizes of ``structure``.
 
-    Blocks without attention or FFN do not count towards the sizes; blocks that disagree raise
-    ``ValueError`` (per-block sizes are not supported by a Plan).
+    Blocks without attention or FFN do not count towards the sizes. Where blocks differ (dense first
+    layers then MoE shared experts, per-layer widths), each size is the largest and ``"sizes"`` lists
+    ``[num_heads, num_kv_heads, head_dim, channels]`` per block (0 where a block lacks that part).
     """
     if not structure.blocks:
         raise ValueError("structure has no blocks (no attention/FFN found)")
@@ -241,7 +270,11 @@ def arch_of(structure: Structure) -> dict[str, int]:
             values["channels"] = block.ffn.channels
         for key, value in values.items():
             if arch[key] not in (0, value):
-                raise ValueError(f"block {block.index} has {key}={value}, other blocks {arch[key]}: "
-                                 "blocks of different sizes are not supported")
-            arch[key] = value
+                arch["sizes"] = []
+            arch[key] = max(arch[key], value)
+    if "sizes" in arch:
+        arch["sizes"] = [[b.attention.num_heads, b.attention.num_kv_heads, b.attention.head_dim]
+                         if b.attention is not None else [0, 0, 0] for b in structure.blocks]
+        for entry, block in zip(arch["sizes"], structure.blocks):
+            entry.append(block.ffn.channels if block.ffn is not None else 0)
     return arch

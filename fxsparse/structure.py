@@ -56,6 +56,20 @@ class Attention:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    # Output gates (``out * sigmoid(gate_proj(x))`` before o): rows per query head (``index``, always given, lists
+    # them head by head: head_dim rows each, or one per head) that move with the query heads when they are
+    # permuted; never trained by S²FT (no role), never replaced.
+    gates: tuple[Projection, ...] = ()
+    # Norm weights over the whole q or k projection (OLMo-2's q_norm/k_norm): ("q" | "k", the norm module with the
+    # rows of its weight (and bias) per query / KV head). They move with those heads; never trained or replaced.
+    norms: tuple[tuple[str, Projection], ...] = ()
+    # Rows (q, k, v) / columns (o) per head where they differ from head_dim (multi-head latent attention: q and k
+    # heads hold a rotary part k takes from a projection shared by every head, v and o heads another size).
+    role_dims: tuple[tuple[str, int], ...] = ()
+
+    def unit_size(self, role: str) -> int:
+        """Rows (q, k, v) or columns (o) of one head of ``role``."""
+        return dict(self.role_dims).get(role, self.head_dim)
 
     @property
     def kv_groups(self) -> int:
@@ -83,9 +97,17 @@ class FFN:
 
 @dataclass(frozen=True)
 class Block:
+    """A unit of coupling: one attention and/or one FFN, permuted and selected on its own.
+
+    ``part_of``: for a further FFN of the same transformer block (a mixture-of-experts expert with its own
+    ``nn.Linear`` projections, or a shared expert beside them), the index of the block it belongs to;
+    ``to_dict`` lists such FFNs under that block's ``"experts"``. None for a transformer block itself.
+    """
+
     index: int
     attention: Attention | None
     ffn: FFN | None
+    part_of: int | None = None
 
     def projections(self) -> dict[str, Projection]:
         """Role name -> projection, for every role this block has."""
@@ -112,9 +134,17 @@ class Structure:
     reasons: dict[str, str] = field(default_factory=dict)  # unrecognized path -> why, where discovery knows
 
     def to_dict(self) -> dict:
-        blocks = []
+        """JSON-ready: ``"blocks"`` (one entry per transformer block; further FFNs of a block, i.e.
+        experts, under its ``"experts"``, each with the ``"block"`` index plans use), ``"unrecognized"``
+        and ``"reasons"``."""
+        blocks, entries = [], {}
         for block in self.blocks:
+            if block.part_of is not None and block.part_of in entries and block.ffn is not None:
+                expert = {"block": block.index, **self._ffn_dict(block.ffn)}
+                entries[block.part_of].setdefault("experts", []).append(expert)
+                continue
             entry: dict = {"index": block.index, "attention": None, "ffn": None}
+            entries[block.index] = entry
             if block.attention is not None:
                 a = block.attention
                 entry["attention"] = {
@@ -122,15 +152,21 @@ class Structure:
                     "num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim,
                     "fused_qkv": a.q.fused or a.k.fused or a.v.fused,
                 }
+                if a.gates:
+                    entry["attention"]["gates"] = [g.path for g in a.gates]
+                if a.norms:
+                    entry["attention"]["norms"] = {role: p.path for role, p in a.norms}
+                if a.role_dims:
+                    entry["attention"]["role_dims"] = dict(a.role_dims)
             if block.ffn is not None:
-                f = block.ffn
-                entry["ffn"] = {
-                    "up": f.up.path, "gate": f.gate.path if f.gate else None, "down": f.down.path,
-                    "channels": f.channels, "activation": f.activation,
-                    "fused_gate_up": f.up.fused,
-                }
+                entry["ffn"] = self._ffn_dict(block.ffn)
             blocks.append(entry)
         return {"blocks": blocks, "unrecognized": list(self.unrecognized), "reasons": dict(self.reasons)}
+
+    @staticmethod
+    def _ffn_dict(f: FFN) -> dict:
+        return {"up": f.up.path, "gate": f.gate.path if f.gate else None, "down": f.down.path,
+                "channels": f.channels, "activation": f.activation, "fused_gate_up": f.up.fused}
 
     def target_paths(self) -> list[str]:
         """Module paths of every attention/FFN projection found (deduplicated, graph order)."""

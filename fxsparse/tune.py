@@ -47,17 +47,21 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="smollm2 (default), a tiny preset (tiny-llama...), a pretrain preset (9m...1b) or a folder")
     p.add_argument("--recipe", default="s2ft", choices=("s2ft", "sltrain", "lowrank"))
-    p.add_argument("--support", default=None, choices=("random", "block"), help="sltrain: sparse support")
+    p.add_argument("--support", default=None, choices=("random", "block"),
+                   help="sltrain: sparse support (default: the recipe's, random)")
     p.add_argument("--rank", type=int, default=None, help="sltrain/lowrank: rank (default width/4)")
-    p.add_argument("--sparsity", type=float, default=None, help="sltrain: density of the sparse part")
-    p.add_argument("--block-size", type=int, default=None, help="sltrain block support: block edge")
-    p.add_argument("--ratios", default=None, help="s2ft: trained fraction per projection, e.g. o=0.05,down=0.02")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="sltrain: density of the sparse part (default: the recipe's, 0.03)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="sltrain block support: block edge (default: the recipe's, 32)")
+    p.add_argument("--ratios", default=None,
+                   help="s2ft: trained fraction per projection, e.g. o=0.05,down=0.02 (default: the recipe's)")
     p.add_argument("--tokens", type=int, nargs="+", default=[2048],
-                   help="tokens per batch to tune for, one or more (default 2048)")
+                   help="tokens per batch to tune for, one or more")
     p.add_argument("--seq-len", type=int, default=None,
                    help="sequence length (default: the longest divisor of --tokens the model allows)")
     p.add_argument("--dtype", nargs="+", default=None, choices=tuple(DTYPES),
-                   help="fp32 and/or bf16 (autocast); default both on CUDA, fp32 on CPU")
+                   help="fp32 and/or bf16 (autocast) (default: both on CUDA, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clear", action="store_true", help="empty the kernel cache (before tuning, if --model)")
     return p
@@ -171,6 +175,34 @@ def _recipe_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _check_values(args: argparse.Namespace, options: dict[str, Any]) -> None:
+    """Option values checked before any model loads: the recipe's own config validation, token counts."""
+    from fxsparse.recipes import resolve_recipe
+
+    resolve_recipe(args.recipe, options)  # a ValueError naming the bad value (rank, sparsity, block_size, ratios)
+    for count in args.tokens:
+        if count <= 0:
+            raise ValueError(f"--tokens must be positive, got {count}")
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise ValueError(f"--seq-len must be positive, got {args.seq_len}")
+
+
+def _reinit_note(args: argparse.Namespace) -> str | None:
+    """For sltrain/lowrank on a model with trained weights: say that the recipe draws every projection anew."""
+    name = args.model or "smollm2"
+    if args.recipe == "s2ft" or name.startswith("tiny-"):
+        return None
+    try:
+        from fxsparse.app.pretrain import PRESETS
+    except ImportError:
+        PRESETS = {}
+    if name in PRESETS:
+        return None
+    return (f"note: {args.recipe} re-initialises every attention and FFN projection of {name} (W = B @ A * scale"
+            f"{' + S' if args.recipe == 'sltrain' else ''}, drawn from scratch): its trained weights are not kept. "
+            "Tuning only needs the shapes; to fine-tune a trained model, use recipe s2ft.")
+
+
 @contextlib.contextmanager
 def _kernels_env(mode: str | None) -> Iterator[None]:
     """Set ``FXSPARSE_KERNELS`` for the block (it is read at every op call) and restore it after."""
@@ -212,6 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.model is None:
             return result
     options = _recipe_options(args)
+    _check_values(args, options)
     reason = _nothing_to_tune()
     if reason is not None:
         print(reason)
@@ -221,6 +254,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     on_cuda = torch.cuda.is_available() and not _interpreting()
     dtypes = args.dtype or (["fp32", "bf16"] if on_cuda else ["fp32"])
+    note = _reinit_note(args)
+    if note:
+        print(note)
     model = fxsparse.transform(_load(args), recipe=args.recipe, **options)
     model = model.to("cuda" if on_cuda else "cpu")
     if not on_cuda:

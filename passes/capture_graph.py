@@ -17,6 +17,7 @@ def capture_graph(model: nn.Module, example_inputs: Any) -> PassResult:
     """Export ``model`` on fake tensors; ``captured`` holds the graph, parameter names and the example.
 
     ``example_inputs`` (a tensor, tuple or dict; None: made up) is cut to batch 1 and a few tokens first.
+    When the usual export fails and a fallback works (``fxsparse.capture.ATTEMPTS``), the info says which.
 
     >>> import torch
     >>> from fxsparse.models import tiny_model
@@ -26,4 +27,5 @@ def capture_graph(model: nn.Module, example_inputs: Any) -> PassResult:
     """
     captured = capture(model, example_inputs)
     nodes = len(captured.graph.nodes)
-    return PassResult(False, f"{nodes} nodes", outputs={"captured": captured})
+    fallback = f" (capture fallback: {captured.fallback})" if captured.fallback else ""
+    return PassResult(False, f"{nodes} nodes{fallback}", outputs={"captured": captured})

@@ -1,19 +1,36 @@
 """Pass: find attention heads, GQA groups and FFN channels from the captured graph's dataflow.
 
-Nothing here reads attribute names. Q, K and V are the linears whose outputs reach
-``scaled_dot_product_attention``'s query, key and value through reshapes only; O is the linear fed by
-its output; an FFN is a linear ("down") whose input is ``act(gate) * up`` (gated) or ``act(up)``
-(non-gated). Heads, KV heads and head size come from the reshapes: the output of each projection is
-followed through view/transpose/slice/split ops with an integer *provenance tensor* (each element holds
-the feature index it came from) until it has the (batch, seq, heads, head_dim) shape, which says exactly
-which output rows of the weight form each head, also inside fused QKV or gate_up projections.
+Nothing here reads attribute names. An *attention* is a ``scaled_dot_product_attention`` call, or one
+written out: ``matmul(q, k^T) -> scale / mask / soft-cap -> softmax -> matmul(., v)`` (eager-only
+models, nanoGPT-style code). Q, K and V are the linears whose outputs reach its query, key and value
+through reshapes and elementwise ops; O is the linear fed by its output; an FFN is a linear ("down")
+whose input is ``act(gate) * up`` (gated) or ``act(up)`` (non-gated). A *linear* is ``aten.linear``,
+GPT-2's ``Conv1D`` (``addmm``) or ``matmul(x, W.T)`` (+ bias), on the weight of an ``nn.Linear`` (or
+``Conv1D``) module: the same product by any other module, on a weight sliced or shared before use, or on
+a stacked 3-D expert weight is reported in ``unrecognized`` with why (S²FT could not replace it).
+
+Heads, KV heads and head size come from the reshapes: the output of each projection is followed
+through view/transpose/slice/split/repeat ops with an integer *provenance tensor* (each element holds
+the feature index it came from) to the (batch, seq, heads, head_dim) view closest to the attention,
+which says exactly which output rows of the weight form each head, also inside fused QKV or gate_up
+projections (and Falcon-style q|k|v head layouts).
 
 Heads are only recognised where permuting them is exact. Between each of q, k, v and the attention, a
 *head-index tensor* (the head each element belongs to) is pushed through every op; an operand that is
 not itself derived from the projection and differs from head to head (a per-head gain on Q, a
-concatenated per-head sink, a bias added outside the linear) would not move with a head permutation,
-so that attention is left unrecognised, with the reason in ``Structure.reasons``. So is an attention
-whose mask has per-head slices (ALiBi-style slopes).
+concatenated per-head sink, a bias added outside the linear, a q/k norm weight per head) would not move
+with a head permutation, and a reduction over part of the heads ties them together, so that attention is
+left unrecognised, with the reason in ``Structure.reasons``. So is an attention whose mask or scores get
+per-head slices (ALiBi-style slopes, attention sinks), and one whose query head ``h`` does not attend
+with KV head ``h // groups`` (KV heads tiled, not interleaved). Two couplings move with the heads
+instead: a norm over the *whole* q or k projection (OLMo-2: its RMS is the same in any head order; its
+weight's rows follow the heads, ``Attention.norms``) and an output gate ``out * sigmoid(g(x))`` before o
+(Qwen3-Next, AFMoE: g's rows of each head follow it, ``Attention.gates``).
+
+Several FFNs between two attentions that read the same hidden state (mixture-of-experts experts with
+their own ``nn.Linear`` projections, shared experts) are blocks of their own, ``part_of`` the first.
+A module called more than once in the forward takes part in no structure (its units would move for
+every call).
 
 Only the linears that feed an attention input are followed with provenance tensors, so their cost is
 that of the projections' outputs on the (small) captured example, never of the LM head's.
@@ -28,12 +45,13 @@ that of the projections' outputs on the (small) captured example, never of the L
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import deque
 from typing import NamedTuple
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from fxsparse.capture import Captured, module_path
 from fxsparse.passes.manager import PassResult, fxpass
@@ -49,15 +67,17 @@ _RESHAPES = {
     aten.permute.default, aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default,
     aten.chunk.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default,
     aten.unflatten.int, aten.flatten.using_ints, aten.select.int, aten.t.default, aten.unbind.int,
-    aten.narrow.default, operator.getitem,
+    aten.narrow.default, operator.getitem, aten.repeat_interleave.self_int, aten.repeat.default,
 }
 # Ops that are the identity on values (dtype casts, copies, eval-mode dropout).
 _IDENTITIES = {
     aten.contiguous.default, aten.clone.default, aten.alias.default, aten.to.dtype, aten.to.dtype_layout,
     aten._to_copy.default, aten.dropout.default, aten.detach.default, aten.lift_fresh_copy.default,
-    aten.to.device,
+    aten.to.device, aten.type_as.default,
 }
 _CONCATS = {aten.cat.default, aten.stack.default}
+_SHAPED_AS = {aten.view_as.default, aten.reshape_as.default}  # a reshape to another tensor's shape
+_NORMS = {aten.layer_norm.default, aten.rms_norm.default}
 # Reductions that may sit between a projection and the attention (RMS norms of q and k over head_dim).
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
 _ACTIVATIONS = {
@@ -65,6 +85,24 @@ _ACTIVATIONS = {
     aten.sigmoid.default: "sigmoid", aten.tanh.default: "tanh", aten.mish.default: "mish",
 }
 _SDPA = {aten.scaled_dot_product_attention.default}
+_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+_MATMUL = {aten.matmul.default, aten.bmm.default}
+
+
+class _Site(NamedTuple):
+    """One attention: ``out`` = attention(``q``, ``k``, ``v``), every node (batch, heads, seq, head_dim).
+
+    ``node`` is the SDPA call, or the softmax of a written-out attention
+    (``matmul(q, k^T) -> scale/mask/softcap -> softmax -> matmul(., v)``); ``blocker`` says why its
+    scores tie heads to their position (a per-head mask or bias), or is None.
+    """
+
+    node: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    out: fx.Node
+    blocker: str | None
 
 
 class _Linear(NamedTuple):
@@ -83,29 +121,86 @@ def _shape(node) -> tuple[int, ...] | None:
     return None
 
 
-def _linears(captured: Captured) -> dict[fx.Node, _Linear]:
-    """Linear-like nodes: ``aten.linear`` and GPT-2 ``Conv1D``'s ``addmm(bias, x, W[in, out])``."""
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
+
+
+def _transposed_parameter(node, captured: Captured) -> fx.Node | None:
+    """The 2-D parameter placeholder ``node`` is the transpose of (``W.T``, ``W.t()``), or None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _TRANSPOSES):
+        return None
+    source = node.args[0]
+    if not (isinstance(source, fx.Node) and source.name in captured.param_names and len(_shape(source) or ()) == 2):
+        return None
+    if node.target == aten.permute.default and [d % 2 for d in node.args[1]] != [1, 0]:
+        return None
+    return source
+
+
+def _replaceable(captured: Captured, path: str, weight: fx.Node, conv1d: bool) -> str | None:
+    """Why the projection at ``path`` using parameter ``weight`` cannot become an S²FT layer, or None."""
+    name = captured.param_names[weight.name]
+    try:
+        module = captured.model.get_submodule(path)
+        param = captured.model.get_parameter(name)
+    except (AttributeError, ValueError):
+        return f"{name} is used as a projection weight outside a module that owns it"
+    kind = "Conv1D" if conv1d else "Linear"
+    if conv1d and type(module).__name__ != "Conv1D" or not conv1d and not isinstance(module, nn.Linear):
+        return (f"{path} ({type(module).__name__}) multiplies by {name} like a {kind} but is no nn.Linear/Conv1D: "
+                "S²FT cannot replace it, left dense")
+    if getattr(module, "weight", None) is not param:
+        return f"{path} multiplies by {name}, which is not its own weight (shared or sliced): left dense"
+    return None
+
+
+def _linears(captured: Captured) -> tuple[dict[fx.Node, _Linear], dict[str, str]]:
+    """Linear-like nodes, and the projections that cannot be replaced (module path -> why).
+
+    Linear-like: ``aten.linear``, GPT-2 ``Conv1D``'s ``addmm(bias, x, W[in, out])`` and ``matmul(x, W.T)``
+    (+ the module's own bias), each on a 2-D parameter of an ``nn.Linear`` (or ``Conv1D``) that is that
+    module's weight. A projection on a parameter of any other module, or on a weight sliced or shared
+    before use, is reported instead: S²FT could not replace it, so it must not take part in a structure.
+    """
     found: dict[fx.Node, _Linear] = {}
+    refused: dict[str, str] = {}
     for node in captured.graph.nodes:
         if node.op != "call_function":
             continue
+        out_node = node
         if node.target == aten.linear.default:
             x, weight = node.args[0], node.args[1]
             conv1d = False
         elif node.target == aten.addmm.default:
             x, weight = node.args[1], node.args[2]
             conv1d = True
+        elif node.target == aten.matmul.default and (weight := _transposed_parameter(node.args[1], captured)):
+            x, conv1d = node.args[0], False
+            bias_name = captured.param_names[weight.name].rsplit(".", 1)[0] + ".bias"
+            users = list(node.users)
+            if len(users) == 1 and users[0].target == aten.add.Tensor and any(
+                    isinstance(a, fx.Node) and captured.param_names.get(a.name) == bias_name for a in users[0].args):
+                out_node = users[0]  # matmul + the module's own bias: one projection
         else:
             continue
         if not isinstance(weight, fx.Node) or weight.name not in captured.param_names:
+            if node.target == aten.linear.default and isinstance(weight, fx.Node) and module_path(node):
+                sources = _sources(weight, captured.param_names)
+                if sources:
+                    refused.setdefault(module_path(node), (
+                        f"{module_path(node)} computes its weight from {sources[0]} before use (sliced or "
+                        "transformed): left dense"))
             continue  # a matmul with an activation, not a projection
         wshape = _shape(weight)
         if wshape is None or len(wshape) != 2:
             continue
         out_features, in_features = (wshape[1], wshape[0]) if conv1d else wshape
         path = module_path(node) or captured.param_names[weight.name].rsplit(".", 1)[0]
-        found[node] = _Linear(node, path, x, in_features, out_features, conv1d)
-    return found
+        why = _replaceable(captured, path, weight, conv1d)
+        if why is not None:
+            refused.setdefault(path, why)
+            continue
+        found[out_node] = _Linear(out_node, path, x, in_features, out_features, conv1d)
+    return found, refused
 
 
 def _provenance(shape: tuple[int, ...]) -> torch.Tensor:
@@ -119,13 +214,19 @@ def _provenance(shape: tuple[int, ...]) -> torch.Tensor:
 
 def _apply(node: fx.Node, source: fx.Node, value):
     """Run ``node``'s reshape op with ``value`` in place of its input ``source``."""
-    if node.target in _IDENTITIES:
-        return value
+    if node.target in _IDENTITIES or node.target in _SHAPED_AS:
+        if node.args[0] is not source:  # type_as(x, source): only source's dtype reaches the output
+            raise ValueError("not the value operand")
+        if node.target in _SHAPED_AS:
+            return value.reshape(_shape(node))
+        return value.contiguous() if isinstance(value, torch.Tensor) else value  # a later view must replay
 
     def sub(arg):
         return value if arg is source else arg
 
     args = tuple(sub(a) for a in node.args)
+    if node.target in (aten.view.default, aten._unsafe_view.default) and args[0] is value:
+        return value.reshape(args[1])  # the same values; the real tensor's strides may allow a view ours do not
     return node.target(*args, **node.kwargs)
 
 
@@ -159,7 +260,8 @@ def _follow(start: fx.Node, value, stop, pointwise: bool = False) -> list[tuple[
         for user in node.users:
             if _scales(user, node) or (pointwise and _keeps_layout(user, node)):
                 queue.append((user, prov))  # q * scaling keeps the layout
-            elif user.op == "call_function" and (user.target in _RESHAPES or user.target in _IDENTITIES):
+            elif user.op == "call_function" and (user.target in _RESHAPES or user.target in _IDENTITIES
+                                                 or user.target in _SHAPED_AS):
                 try:
                     queue.append((user, _apply(user, node, prov)))
                 except Exception:  # an op we cannot replay on integers: the path ends here
@@ -194,10 +296,12 @@ def _heads_view(prov: torch.Tensor, features: int) -> tuple[int, list[list[int]]
     per_head = layout[0, :, 0, :]
     if not torch.equal(layout, per_head[None, :, None, :].expand_as(layout)):
         return None
+    if per_head.unique().numel() != per_head.numel():
+        return None  # heads repeated (a GQA repeat): the view before it says which rows form each head
     return per_head.shape[0], per_head.tolist()
 
 
-def _reaches(node: fx.Node, arg_of: dict[fx.Node, list[tuple]], limit: int = 400) -> list[tuple]:
+def _reaches(node: fx.Node, arg_of: dict[fx.Node, list[tuple]], linears, limit: int = 400) -> list[tuple]:
     """The (sdpa, role) inputs ``node`` flows into, through any ops but never through a linear or SDPA."""
     if node in arg_of:
         return list(arg_of[node])
@@ -208,16 +312,37 @@ def _reaches(node: fx.Node, arg_of: dict[fx.Node, list[tuple]], limit: int = 400
             if user in seen:
                 continue
             seen.add(user)
+            if user.target == aten.copy_.default and user.args[1] is current and isinstance(user.args[0], fx.Node):
+                base = user.args[0].args[0] if user.args[0].args else None  # copied into slice(base)
+                if base in arg_of:
+                    found.extend(arg_of[base])
+                continue
             if user in arg_of:
                 found.extend(arg_of[user])
-            elif user.op == "call_function" and user.target not in _SDPA and user.target not in (
-                    aten.linear.default, aten.addmm.default):
+            elif user.op == "call_function" and user.target not in _SDPA and user not in linears and (
+                    user.target not in (aten.linear.default, aten.addmm.default)):
                 queue.append(user)
     return found
 
 
 def _index_or_none(rows: list[int], total: int) -> tuple[int, ...] | None:
     return None if rows == list(range(total)) else tuple(rows)
+
+
+_EMPTY = {aten.new_empty.default, aten.empty.memory_format, aten.new_zeros.default, aten.zeros.default}
+
+
+def _written_into(node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
+    """``(slice, source)`` of each ``slice(node).copy_(source)``: a tensor assembled in place, as DeepSeek's
+    MLA builds its key (``k = q.new_empty(...); k[..., :d] = k_nope; k[..., d:] = k_rope``)."""
+    if node.op != "call_function" or node.target not in _EMPTY:
+        return []
+    pairs = []
+    for view in node.users:
+        if view.target in (aten.slice.Tensor, aten.narrow.default) and view.args[0] is node:
+            pairs.extend((view, user.args[1]) for user in view.users
+                         if user.target == aten.copy_.default and user.args[0] is view)
+    return pairs
 
 
 def _ancestors(arg: fx.Node, linears) -> set[fx.Node]:
@@ -227,51 +352,68 @@ def _ancestors(arg: fx.Node, linears) -> set[fx.Node]:
         node = queue.popleft()
         if node in linears or node.target in _SDPA or node.op != "call_function":
             continue
-        for parent in node.all_input_nodes:
+        for parent in [*node.all_input_nodes, *(source for _, source in _written_into(node))]:
             if parent not in seen:
                 seen.add(parent)
                 queue.append(parent)
     return seen
 
 
-def _attention_projections(sdpa_nodes, linears):
-    """For each SDPA node: {"q"|"k"|"v": (linear, heads, rows)} found by following projections forward.
+def _attention_projections(sites: list[_Site], linears):
+    """For each attention site: {"q"|"k"|"v": (linear, heads, rows)} found by following projections forward.
 
     Only linears that some attention input is computed from (without another linear in between) are
     followed: the provenance tensors are then the size of q/k/v outputs, never of an LM head's.
     """
-    found: dict[fx.Node, dict[str, tuple[_Linear, int, list[int]]]] = {n: {} for n in sdpa_nodes}
+    found: dict[fx.Node, dict[str, tuple[_Linear, int, list[int]]]] = {site.node: {} for site in sites}
     arg_of: dict[fx.Node, list[tuple]] = {}
     head_dims = set()
     feeders: dict[fx.Node, None] = {}
-    for sdpa in sdpa_nodes:
-        for role, arg in zip("qkv", sdpa.args[:3]):
-            arg_of.setdefault(arg, []).append((sdpa, role))
+    for site in sites:
+        for role, arg in zip("qkv", (site.q, site.k, site.v)):
+            arg_of.setdefault(arg, []).append((site.node, role))
             head_dims.add((_shape(arg) or (0,))[-1])
             feeders.update((node, None) for node in _ancestors(arg, linears) if node in linears)
 
-    def is_heads(node, prov):
-        return isinstance(prov, torch.Tensor) and prov.dim() == 4 and prov.shape[-1] in head_dims
-
+    order = {node: i for i, node in enumerate(sites[0].node.graph.nodes)} if sites else {}
+    ranks: dict[tuple, tuple[bool, int]] = {}
     for lin in (linears[node] for node in linears if node in feeders):
         shape = _shape(lin.node)
         if shape is None:
             continue
-        for node, prov in _follow(lin.node, _provenance(shape), is_heads, pointwise=True):
-            if not isinstance(prov, torch.Tensor):
-                continue
+        candidates: list[tuple[fx.Node, torch.Tensor]] = []
+
+        def is_heads(node, prov, candidates=candidates):
+            if isinstance(prov, torch.Tensor) and prov.dim() in (3, 4) and prov.shape[-1] in head_dims:
+                candidates.append((node, prov if prov.dim() == 4 else prov.unsqueeze(0)))  # (heads, seq, d), batch 1
+            return False  # follow on: a later view may split a fused layout further (Falcon's q|k|v heads)
+
+        _follow(lin.node, _provenance(shape), is_heads, pointwise=True)
+        best: dict[tuple, tuple[tuple, int, list[int]]] = {}
+        for node, prov in candidates:
             view = _heads_view(prov, lin.out_features)
             if view is None:
                 continue
-            for sdpa, role in _reaches(node, arg_of):
-                found[sdpa].setdefault(role, (lin, view[0], [r for head in view[1] for r in head]))
+            reached = _reaches(node, arg_of, linears)
+            for sdpa, role in reached:
+                rows = [r for head in view[1] for r in head]
+                # a view feeding this input only (after q|k|v are split), the most rows (MLA's rotary part too),
+                # the closest to the attention
+                key = (all(s is not sdpa or r == role for s, r in reached), len(rows), order[node])
+                if (sdpa, role) not in best or key > best[(sdpa, role)][0]:
+                    best[(sdpa, role)] = (key, view[0], rows)
+        for (sdpa, role), (key, heads, rows) in best.items():  # across linears: the one with the most heads
+            if role not in found[sdpa] or (key[0], heads) > ranks[(sdpa, role)]:
+                found[sdpa][role] = (lin, heads, rows)
+                ranks[(sdpa, role)] = (key[0], heads)
     return found
 
 
 def _replay(node: fx.Node, values: dict[fx.Node, object]):
     """Run ``node``'s op with known ``values`` for its inputs and -1 filled tensors for the others."""
-    if node.target in _IDENTITIES:
-        return values[next(a for a in node.all_input_nodes if a in values)]
+    if node.target in _IDENTITIES and node.args[0] in values:
+        value = values[node.args[0]]
+        return value.contiguous() if isinstance(value, torch.Tensor) else value
 
     def sub(arg):
         if isinstance(arg, fx.Node):
@@ -293,6 +435,9 @@ def _varies(index: torch.Tensor, axis: int) -> bool:
 def _per_head_operand(operand: fx.Node, index: torch.Tensor) -> bool:
     """Whether ``operand``, broadcast against a tensor whose elements belong to heads ``index``, takes
     different values along an axis on which the head changes."""
+    while operand.op == "call_function" and operand.target in (aten.expand.default, aten.expand_as.default) and (
+            isinstance(operand.args[0], fx.Node)):
+        operand = operand.args[0]  # an expanded (broadcast) tensor varies only where its source does
     shape = _shape(operand)
     if shape is None:
         return False
@@ -325,19 +470,32 @@ def _describe(node: fx.Node, names: dict[str, str]) -> str:
 
 
 def _head_blocker(lin: _Linear, rows: list[int], heads: int, arg: fx.Node, linears,
-                  names: dict[str, str]) -> str | None:
+                  names: dict[str, str], slot_heads: dict[fx.Node, list[int]],
+                  norms: list[str] | None = None) -> str | None:
     """Why permuting the ``heads`` of ``lin`` (``rows``: unit-major output rows) would change what
-    reaches the attention input ``arg``; None when it would not (see the module docstring)."""
+    reaches the attention input ``arg``; None when it would not (see the module docstring).
+
+    When it would not, ``slot_heads[arg]`` is set to the head of ``lin`` in each head slot of ``arg``
+    (``arg`` is (batch, heads, seq, head_dim)): after a GQA repeat, the KV head each query slot sees.
+
+    A norm over the whole output of ``lin`` (RMS over every feature: the same whatever the order of the
+    heads) does not stop it; its weight (and bias), one per output row of ``lin``, then has to move with
+    the heads: the norm module's path is appended to ``norms``."""
     shape = _shape(lin.node)
     if shape is None:
         return f"{lin.path}: no output shape in the graph"
-    head_of_row = torch.full((lin.out_features,), -1, dtype=torch.int64)
+    head_of_row = torch.full((lin.out_features,), -4, dtype=torch.int64)  # -4: lin's rows of no head here
     head_of_row[torch.tensor(rows)] = torch.arange(heads).repeat_interleave(len(rows) // heads)
     values: dict[fx.Node, object] = {lin.node: head_of_row.expand(shape).contiguous()}
+    aligned = {lin.node}  # nodes whose last dim is lin's output rows in order (no reshape since lin)
+    found_norms: list[str] = []
     upstream = _ancestors(arg, linears)
+    assembled = {node: pairs for node in upstream if (pairs := _written_into(node))}
+    into = {source: node for node, pairs in assembled.items() for _, source in pairs}
     on_path, queue = set(), deque([lin.node])
     while queue:
-        for user in queue.popleft().users:
+        current = queue.popleft()
+        for user in [*current.users, *([into[current]] if current in into else [])]:
             if user in upstream and user not in on_path:
                 on_path.add(user)
                 queue.append(user)
@@ -347,37 +505,101 @@ def _head_blocker(lin: _Linear, rows: list[int], heads: int, arg: fx.Node, linea
         others = [a for a in node.all_input_nodes if a not in values]
         target = node.target
         try:
-            if target in _RESHAPES or target in _IDENTITIES or target in _CONCATS:
+            if node in assembled:  # slices written in place: like a concatenation
+                value = torch.full(_shape(node), -1, dtype=torch.int64)
+                for view, source in assembled[node]:
+                    region = view.target(value, *view.args[1:])
+                    if source in values:
+                        region.copy_(torch.broadcast_to(values[source], region.shape))
+                    elif _per_head_operand(source, torch.arange(region.shape[1]).view(1, -1, 1, 1).expand(
+                            region.shape) if region.dim() == 4 else region):
+                        return (f"{_describe(source, names)} is written into the attention input per head: "
+                                "permuting heads would change the function")
+                values[node] = value
+                continue
+            if target in _RESHAPES or target in _IDENTITIES or target in _CONCATS or target in _SHAPED_AS:
                 value = _replay(node, values)
                 seen = value if isinstance(value, torch.Tensor) else None
+                if target in _IDENTITIES and node.args[0] in aligned:
+                    aligned.add(node)
+            elif target in _NORMS and node.args[0] in values and len(node.args[1]) == 1:
+                source = values[node.args[0]]  # a norm over the last dim: per head when that dim is within a head
+                if not bool((source == source[..., :1]).all()) and node.args[0] not in aligned:
+                    return (f"{_op_name(node)} normalises over several heads of {lin.path} on the way to the "
+                            "attention (a norm over part of the projection, not per head): permuting heads would "
+                            "change the function")
+                if node.args[0] in aligned:
+                    aligned.add(node)
+                value = seen = source
             elif torch.Tag.pointwise in getattr(target, "tags", ()):
                 out_shape = _shape(node)
                 parts = [torch.broadcast_to(values[a], out_shape) for a in inputs]
                 value = parts[0]
                 for part in parts[1:]:  # two paths meet (x * rsqrt(mean(x^2))): the heads must agree
-                    value = torch.where(value == part, value, -2)
+                    value = torch.where(value == -3, part, torch.where(
+                        (part == -3) | (value == part), value, -2))  # -3: the same for every head
                 seen = value
+                if out_shape == shape and all(a in aligned or bool((values[a] == -3).all()) for a in inputs):
+                    aligned.add(node)
             elif target in _REDUCTIONS:
                 source = values[node.args[0]]
                 dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
                 keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
                 high, low = source.amax(dims, keepdim), source.amin(dims, keepdim)
                 value = seen = torch.where(high == low, high, -2)  # -2: a reduction over several heads
+                last = [d % source.dim() for d in ([dims] if isinstance(dims, int) else dims or [])]
+                if node.args[0] in aligned and last == [source.dim() - 1] and keepdim:
+                    value, seen = torch.full_like(value, -3), None  # over every row of lin: the order does not matter
+                elif bool((value == -2).any()):
+                    return (f"{_op_name(node)} reduces over several heads of {lin.path} on the way to the attention "
+                            "(a norm over the whole projection, not per head): permuting heads would change "
+                            "the function")
             else:
                 return f"{_op_name(node)} lies between {lin.path} and the attention (heads not followed through it)"
         except Exception as exc:  # an op we cannot replay on head indices: do not guess
             return f"cannot follow the heads of {lin.path} through {_op_name(node)} ({type(exc).__name__})"
         if seen is not None:
             for other in others:
+                owner = _norm_weight_owner(other, node, aligned, lin, names)
+                if owner is not None:
+                    found_norms.append(owner)
+                    continue
                 if _per_head_operand(other, seen):
                     return (f"{_describe(other, names)} takes a different value per head on the way "
                             f"from {lin.path} to the attention ({_op_name(node)}): permuting heads would change "
                             "the function")
         values[node] = value
     final = values.get(arg)
-    if isinstance(final, torch.Tensor) and bool((final < 0).any()):
+    if isinstance(final, torch.Tensor) and final.dim() == 3:
+        final = final.unsqueeze(0)  # (heads, seq, head_dim) of a batch of one
+    if not isinstance(final, torch.Tensor) or final.dim() != 4:
+        return f"the heads of {lin.path} could not be followed to the attention"
+    # -1 (other sources, checked above not to differ per head) or -3 (the same for every head) may fill the
+    # same positions of every head (MLA's rotary key part shared by all heads); -2 (mixed) and -4 may not.
+    own = final >= 0
+    if bool(((final == -2) | (final == -4)).any()) or not bool(own.any()) or not torch.equal(
+            own, own[:, :1].expand_as(own)):
         return f"the attention input from {lin.path} mixes heads or other rows"
+    slots = torch.where(own, final, final.amax()).amin((0, 2, 3))
+    expected = slots[None, :, None, None].expand_as(final)
+    if not torch.equal(torch.where(own, final, expected), expected):
+        return f"the attention input from {lin.path} mixes heads or other rows"
+    slot_heads[arg] = slots.tolist()
+    if norms is not None:
+        norms.extend(dict.fromkeys(found_norms))
     return None
+
+
+def _norm_weight_owner(other: fx.Node, node: fx.Node, aligned: set, lin: _Linear, names: dict[str, str]):
+    """The module whose ``weight``/``bias`` ``other`` is, when it scales or shifts ``lin``'s rows one by one
+    (``node`` keeps lin's rows in order): a norm weight over the whole projection; else None."""
+    if node not in aligned and not (node.target in _NORMS and node.args[0] in aligned):
+        return None
+    name = names.get(other.name, "") if other.op == "placeholder" else ""
+    path, _, leaf = name.rpartition(".")
+    if leaf not in ("weight", "bias") or _shape(other) != (lin.out_features,):
+        return None
+    return path
 
 
 def _mask_blocker(sdpa: fx.Node, names: dict[str, str]) -> str | None:
@@ -398,21 +620,243 @@ def _mask_blocker(sdpa: fx.Node, names: dict[str, str]) -> str | None:
             "per-head bias): permuting heads would change the function")
 
 
-def _output_projection(sdpa: fx.Node, linears, heads: int, head_dim: int):
-    """The linear fed by the attention output, with the input column of each (head, dim) pair."""
-    shape = _shape(sdpa)
-    if shape is None or len(shape) != 4:
+def _last_two_swapped(node: fx.Node) -> bool:
+    """``node`` swaps the last two dims of a 3-D or 4-D tensor (``k.transpose(-2, -1)``, ``permute(0, 1, 3, 2)``)."""
+    rank = len(_shape(node) or ())
+    if node.op != "call_function" or rank not in (3, 4):
+        return False
+    if node.target == aten.transpose.int:
+        return sorted(d % rank for d in node.args[1:3]) == [rank - 2, rank - 1]
+    if node.target == aten.permute.default:
+        return [d % rank for d in node.args[1]] == [*range(rank - 2), rank - 1, rank - 2]
+    return False
+
+
+def _rows(shape) -> tuple[int, int] | None:
+    """(batch x heads, queries) of a 3-D (batch*heads, seq, x) or 4-D (batch, heads, seq, x) attention tensor."""
+    if shape is None or len(shape) not in (3, 4):
         return None
-    batch, _, seq, _ = shape
+    return math.prod(shape[:-2]), shape[-2]
+
+
+def _between(start: fx.Node, end: fx.Node, limit: int = 64) -> list[fx.Node] | None:
+    """Nodes computed from ``start`` that ``end`` is computed from (``end`` included, ``start`` not), in
+    graph order; None if the walk back from ``end`` does not reach ``start`` within ``limit`` nodes."""
+    upstream, queue, reached = {end}, deque([end]), False
+    while queue and len(upstream) < limit:
+        node = queue.popleft()
+        for parent in node.all_input_nodes:
+            if parent is start:
+                reached = True
+            elif parent not in upstream and parent.op == "call_function":
+                upstream.add(parent)
+                queue.append(parent)
+    if not reached:
+        return None
+    downstream, queue = set(), deque([start])
+    while queue:
+        for user in queue.popleft().users:
+            if user in upstream and user not in downstream:
+                downstream.add(user)
+                queue.append(user)
+    order = {node: i for i, node in enumerate(end.graph.nodes)}
+    return sorted(downstream, key=order.__getitem__)
+
+
+def _score_matmul(softmax: fx.Node, limit: int = 32) -> fx.Node | None:
+    """The ``matmul(q, k^T)`` whose (batch, heads, seq, seq) scores ``softmax`` normalises, if any."""
+    scores = _shape(softmax)
+    queue, seen = deque([softmax.args[0]]), set()
+    while queue and len(seen) < limit:
+        node = queue.popleft()
+        if not isinstance(node, fx.Node) or node in seen or node.op != "call_function":
+            continue
+        seen.add(node)
+        if node.target in _MATMUL and _rows(_shape(node)) is not None and _rows(_shape(node)) == _rows(scores):
+            return node  # (batch, heads, seq, keys); the softmax may see more keys (sinks concatenated)
+        queue.extend(node.all_input_nodes)
+    return None
+
+
+def _pointwise(target) -> bool:
+    """An elementwise op, in place (``masked_fill_``) or not."""
+    if torch.Tag.pointwise in getattr(target, "tags", ()):
+        return True
+    name = getattr(getattr(target, "_schema", None), "name", "")
+    if not name.endswith("_"):
+        return False
+    packet = getattr(aten, name.split("::")[-1][:-1], None)
+    overload = getattr(packet, getattr(target, "_overloadname", ""), None) if packet is not None else None
+    return overload is not None and torch.Tag.pointwise in overload.tags
+
+
+def _written_out_site(softmax: fx.Node, names: dict[str, str]) -> _Site | str | None:
+    """The attention a softmax over (batch, heads, seq, seq) scores closes, written out as
+    ``matmul(q, k^T) -> elementwise (scale, mask, soft-cap) -> softmax -> matmul(., v)``.
+
+    None when the softmax is no attention (a router, 2-D scores); a string (why) when it normalises
+    attention scores in a way heads cannot be followed through.
+    """
+    scores = _shape(softmax)
+    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
+    rank = len(scores or ())
+    if rank not in (3, 4) or not isinstance(dim, int) or dim % rank != rank - 1:
+        return None
+    qk = _score_matmul(softmax)
+    if qk is None:
+        return ("the attention scores come from no matmul(q, k^T) over (batch, heads, seq, head_dim) (e.g. a "
+                "baddbmm over flattened heads)")
+    query, key_t = qk.args[:2]
+    if not (isinstance(query, fx.Node) and isinstance(key_t, fx.Node) and _last_two_swapped(key_t)):
+        return "the key enters the attention scores as no transpose of (batch, heads, seq, head_dim)"
+    key = key_t.args[0]
+    pv, node = None, softmax
+    for _ in range(8):  # softmax -> (dropout, dtype cast) -> matmul(probs, v)
+        users = [u for u in node.users if u.op == "call_function"]
+        pv = next((u for u in users if u.target in _MATMUL and u.args[0] is node), None)
+        if pv is not None:
+            break
+        step = [u for u in users if u.target in _IDENTITIES or u.target in _RESHAPES]  # a sink's column dropped
+        if len(step) != 1:
+            break
+        node = step[0]
+    if pv is None or not isinstance(pv.args[1], fx.Node) or _rows(_shape(pv)) != _rows(scores):
+        return "the attention probabilities reach no matmul with the values"
+    if any(len(_shape(n) or ()) != len(_shape(pv)) for n in (query, key, pv.args[1])):
+        return "q, k and v of the written-out attention are not (batch, heads, seq, head_dim)"
+    if len(_shape(pv)) == 3 and not all(_shape(n)[0] == _shape(pv)[0] for n in (query, key, pv.args[1])):
+        return "q, k and v of the written-out attention have different heads over flattened (batch, heads)"
+    path = _between(qk, softmax)
+    if path is None:
+        return "the attention scores reach the softmax through too many ops"
+    on_path = set(path) | {qk}
+    blocker = None
+    for node in path[:-1]:
+        others = [a for a in node.all_input_nodes if a not in on_path]
+        shape = _shape(node) or scores
+        heads = torch.arange(math.prod(shape[:-2])).view(*shape[:-2], 1, 1).expand(shape)
+        if node.target in _IDENTITIES and _shape(node) == scores:
+            continue
+        if node.target in (*_SHAPED_AS, aten.expand_as.default) and node.args[0] not in on_path:
+            continue  # the mask expanded to the scores' shape: only the shape comes from the scores
+        if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) and (
+                _rows(_shape(node)) == _rows(scores) and _shape(node)[-1] == _shape(node.args[0])[-1]):
+            continue  # (batch*heads, seq, keys) <-> (batch, heads, seq, keys)
+        if node.target in (aten.amax.default, aten.max.dim, aten.logsumexp.default):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", ())
+            rank = len(_shape(node.args[0]) or ())
+            if all(d % rank == rank - 1 for d in ([dims] if isinstance(dims, int) else dims)) and dims != []:
+                continue  # a max per query row (a stable softmax written out): the heads stay apart
+        if node.target is operator.getitem and node.args[0] in on_path:
+            continue
+        if node.target in _CONCATS and (sink := next((o for o in others if _per_head_operand(o, heads)), None)):
+            blocker = (f"the attention scores are concatenated with {_describe(sink, names)}, one per head "
+                       "(attention sinks): permuting heads would change the function")
+            break
+        if not _pointwise(node.target) or _rows(_shape(node)) != _rows(scores):
+            blocker = (f"{_op_name(node)} lies between the attention scores and the softmax (heads not followed "
+                       "through it)")
+            break
+        bias = next((o for o in others if _per_head_operand(o, heads)), None)
+        if bias is not None:
+            blocker = (f"the attention scores get {_describe(bias, names)}, one slice per head (ALiBi-style "
+                       "slopes or a per-head bias): permuting heads would change the function")
+            break
+    return _Site(softmax, query, key, pv.args[1], pv, blocker)
+
+
+def _sites(captured: Captured, names: dict[str, str]) -> tuple[list[_Site], list[tuple[fx.Node, str]]]:
+    """Every attention of the graph (SDPA calls and written-out ones), in graph order, and the softmaxes
+    over attention scores that could not be read as one (with why)."""
+    sites, failed = [], []
+    for node in captured.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _SDPA:
+            sites.append(_Site(node, *node.args[:3], node, _mask_blocker(node, names)))
+        elif node.target in _SOFTMAX:
+            site = _written_out_site(node, names)
+            if isinstance(site, _Site):
+                sites.append(site)
+            elif isinstance(site, str):
+                failed.append((node, site))
+    return sites, failed
+
+
+def _first_mixing_op(arg: fx.Node, linears, limit: int = 64) -> fx.Node | None:
+    """The op closest to attention input ``arg`` that is no reshape or elementwise op (a ``cat``), if any."""
+    queue, seen = deque([arg]), {arg}
+    while queue and len(seen) < limit:
+        node = queue.popleft()
+        if node in linears or node.op != "call_function":
+            continue
+        if not (node.target in _RESHAPES or node.target in _IDENTITIES
+                or torch.Tag.pointwise in getattr(node.target, "tags", ())):
+            return node
+        for parent in node.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                queue.append(parent)
+    return None
+
+
+def _by_head(per_slot: list[int], slots: list[int], head_dim: int) -> list[int]:
+    """Columns/rows listed per attention output slot, re-listed per query head (``slots``: head of each slot)."""
+    result = [0] * len(per_slot)
+    for slot, head in enumerate(slots):
+        result[head * head_dim:(head + 1) * head_dim] = per_slot[slot * head_dim:(slot + 1) * head_dim]
+    return result
+
+
+def _pairing_blocker(site: _Site, heads: int, kv_heads: int, slot_heads: dict[fx.Node, list[int]]) -> str | None:
+    """Why query head ``h`` does not attend with KV head ``h // groups`` (the GQA grouping head
+    permutations keep), or None. Slots are the head positions of each attention input."""
+    if any(arg not in slot_heads for arg in (site.q, site.k, site.v)):
+        return None  # the per-head check did not run (switched off in a test)
+    qs, ks, vs = (slot_heads[arg] for arg in (site.q, site.k, site.v))
+    if sorted(qs) != list(range(heads)):
+        return f"the query of attention {site.node.name} does not hold each query head once"
+    groups = heads // kv_heads
+    for role, slots in (("key", ks), ("value", vs)):
+        if not slots or len(qs) % len(slots):
+            return f"attention {site.node.name} has {len(qs)} query and {len(slots)} {role} head slots"
+        per = len(qs) // len(slots)
+        if any(slots[i // per] != qs[i] // groups for i in range(len(qs))):
+            return (f"in attention {site.node.name} query head h does not attend with {role} head h // {groups} "
+                    "(the KV heads are repeated in another order): permuting heads would change the function")
+    return None
+
+
+def _output_projection(sdpa: fx.Node, linears, heads: int, head_dim: int):
+    """The linear fed by the attention output, with the input column of each (head, dim) pair, and the output
+    gates on the way (``out * sigmoid(gate_proj(x))``: each a linear and its row for each (head, dim) pair).
+
+    Returns ``(o, columns, gates)``, a string (why the output reaches o only through something else), or None.
+    """
+    shape = _shape(sdpa)
+    if shape is None or len(shape) not in (3, 4) or len(shape) == 3 and shape[0] != heads:
+        return None
+    batch, seq = (shape[0], shape[2]) if len(shape) == 4 else (1, shape[1])
     feature = torch.arange(heads * head_dim).reshape(1, heads, 1, head_dim)
     token = torch.arange(batch * seq).reshape(batch, 1, seq, 1)
     features = heads * head_dim
     prov = (feature + features * token).expand(batch, heads, seq, head_dim)
-    for node, edge in _follow(sdpa, prov, lambda n, p: False):
+    if len(shape) == 3:
+        prov = prov[0]  # (heads, seq, head_dim): the batch of one flattened into the heads
+    seen: dict[fx.Node, torch.Tensor] = {sdpa: prov}
+
+    def record(node, value):
+        if isinstance(value, torch.Tensor):
+            seen[node] = value
+        return False
+
+    for node, edge in _follow(sdpa, prov, record, pointwise=True):
         if not isinstance(edge, tuple) or edge[0] != "edge":
             continue
         _, user, value = edge
         lin = linears.get(user)
+        if lin is None and len(user.users) == 1:  # matmul(x, W.T) + the module's bias: keyed by the add
+            lin = linears.get(next(iter(user.users)))
         if lin is None or lin.input is not node or not isinstance(value, torch.Tensor):
             continue
         columns = value.reshape(-1, value.shape[-1])[0].remainder(features)
@@ -421,8 +865,85 @@ def _output_projection(sdpa: fx.Node, linears, heads: int, head_dim: int):
         # unit-major list: column of (head h, dim d) at position h * head_dim + d
         order = torch.empty(features, dtype=torch.int64)
         order[columns] = torch.arange(features)
-        return lin, order.tolist()
+        gates = []
+        for step in _between(sdpa, node, limit=256) or []:
+            if step not in seen or step.target in _RESHAPES or step.target in _IDENTITIES:
+                continue  # not on the way of the attention's values (the shape operand of view_as), or a reshape
+            inner = next((a for a in step.all_input_nodes if a in seen), None)
+            for operand in step.all_input_nodes:
+                if operand is inner or operand in seen or _same_for_every_channel(operand, linears):
+                    continue
+                gate = _gate_rows(operand, seen.get(inner), features, head_dim, linears)
+                if isinstance(gate, str):
+                    return f"the attention output is multiplied by {operand.name} on its way to {lin.path}: {gate}"
+                gates.append(gate)
+        return lin, order.tolist(), gates
     return None
+
+
+def _gate_rows(operand: fx.Node, attn: torch.Tensor | None, features: int, head_dim: int, linears):
+    """``(linear, its row for each attention-output feature)`` when ``operand`` is computed from one linear's
+    output, element for element, through reshapes and elementwise ops with numbers only (an output gate
+    ``sigmoid(gate_proj(x))``); else why not."""
+    sources = [n for n in _ancestors(operand, linears) if n in linears]
+    if attn is None or len(sources) != 1:
+        return "not the output of one linear (a norm or a per-head operand)"
+    gate = linears[sources[0]]
+    path = [] if operand is gate.node else _between(gate.node, operand) or []
+    for node in path:
+        if node.target in _SHAPED_AS:
+            continue  # its second operand only gives the shape
+        others = [a for a in node.all_input_nodes if a not in path and a is not gate.node]
+        if node.target in _RESHAPES or node.target in _IDENTITIES:
+            continue
+        if torch.Tag.pointwise not in getattr(node.target, "tags", ()):
+            return f"{_op_name(node)} lies between {gate.path} and the product"
+        other = next((a for a in others if not _same_for_every_channel(a, linears)), None)
+        if other is not None:
+            return (f"{_describe(other, {})} enters the gate from {gate.path} ({_op_name(node)}), e.g. a bias per "
+                    "head: it would not move with the heads")
+    value = _provenance(_shape(gate.node)) if operand is gate.node else None
+    if value is None:
+        value = next((p for n, p in _follow(gate.node, _provenance(_shape(gate.node)), lambda n, p: n is operand,
+                                            pointwise=True) if n is operand and isinstance(p, torch.Tensor)), None)
+    try:  # a gate per head (heads, 1) is broadcast over head_dim
+        value = torch.broadcast_to(value, attn.shape) if value is not None else None
+    except RuntimeError:
+        value = None
+    if value is None:
+        return f"the rows of {gate.path} could not be followed to the product element for element"
+    a, g = attn.flatten(), value.flatten()
+    if not torch.equal(a.div(features, rounding_mode="floor"), g.div(gate.out_features, rounding_mode="floor")):
+        return f"{gate.path} gates other tokens"
+    a, g = a.remainder(features), g.remainder(gate.out_features)
+    rows = torch.full((features,), -1, dtype=torch.int64)
+    rows[a] = g
+    if not torch.equal(rows[a], g) or bool((rows < 0).any()):
+        return f"{gate.path} does not give one row per attention output feature"
+    per_slot = [list(dict.fromkeys(rows[i:i + head_dim].tolist())) for i in range(0, features, head_dim)]
+    flat = [r for slot in per_slot for r in slot]
+    if len({len(slot) for slot in per_slot}) != 1 or len(set(flat)) != len(flat):
+        return f"the rows of {gate.path} are not split evenly between the heads"
+    return gate, flat
+
+
+def _same_for_every_channel(node: fx.Node, linears, limit: int = 32) -> bool:
+    """``node`` holds one number computed from parameters only (no activation, no per-channel values)."""
+    shape = _shape(node)
+    if shape is None or math.prod(shape) != 1:
+        return False
+    queue, seen = deque([node]), {node}
+    while queue:
+        current = queue.popleft()
+        if current in linears or len(seen) > limit:
+            return False
+        if current.op == "placeholder" and len(_shape(current) or ()) > 1:
+            return False  # token ids, an activation
+        for parent in current.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                queue.append(parent)
+    return True
 
 
 def _pointwise_sources(start: fx.Node, linears, width: int) -> set[fx.Node] | None:
@@ -447,7 +968,11 @@ def _pointwise_sources(start: fx.Node, linears, width: int) -> set[fx.Node] | No
                 continue
             arg_shape = _shape(arg)
             if arg.op in ("placeholder", "get_attr") and arg not in linears:
+                if arg_shape and arg_shape[-1] > 1 and not passthrough:
+                    return None  # a parameter per channel would not move with a channel permutation
                 continue
+            if not passthrough and _same_for_every_channel(arg, linears):
+                continue  # e.g. softplus(alpha) of a learned activation (xIELU)
             if not passthrough and arg not in linears and arg_shape != shape:
                 return None  # e.g. rsqrt(mean(x)) of a norm: not pointwise in the channels
             seen.add(arg)
@@ -566,49 +1091,77 @@ def find_structure(captured: Captured) -> PassResult:
 
 def discover(captured: Captured) -> Structure:
     """The analysis behind :func:`find_structure`, as a plain function of a :class:`Captured` graph."""
-    linears = _linears(captured)
+    linears, refused = _linears(captured)
     names = {**captured.param_names, **captured.buffer_names}
-    sdpa_nodes = [n for n in captured.graph.nodes if n.op == "call_function" and n.target in _SDPA]
-    qkv = _attention_projections(sdpa_nodes, linears)
+    sites, failed = _sites(captured, names)
+    qkv = _attention_projections(sites, linears)
     attentions: list[tuple[fx.Node, Attention]] = []
     claimed: set[fx.Node] = set()
     reasons: dict[str, str] = {}
-    for sdpa in sdpa_nodes:
-        roles = qkv[sdpa]
+    for softmax, why in failed:
+        feeders = [linears[n].path for n in _ancestors(softmax.args[0], linears) if n in linears]
+        reasons.update(dict.fromkeys(feeders, f"attention at {softmax.name}: {why}"))
+    used_norms: set[str] = set()
+    for site in sites:
+        roles = qkv[site.node]
         if set(roles) != {"q", "k", "v"}:
             missing = [role for role in "qkv" if role not in roles]
+            arg = {"q": site.q, "k": site.k, "v": site.v}[missing[0]]
+            op = _first_mixing_op(arg, linears)
+            built = f" (it is built by {_op_name(op)}, e.g. heads joined with a part shared by all heads)" if op else ""
             reasons.update(dict.fromkeys((lin.path for lin, _, _ in roles.values()), (
-                f"the {'/'.join(missing)} input of attention {sdpa.name} comes from no linear through reshapes "
-                "and elementwise ops")))
+                f"the {'/'.join(missing)} input of attention {site.node.name} comes from no linear through "
+                f"reshapes and elementwise ops{built}")))
             continue
         (q_lin, heads, q_rows), (k_lin, kv_heads, k_rows), (v_lin, v_heads, v_rows) = (
             roles["q"], roles["k"], roles["v"])
-        head_dim = len(q_rows) // heads
-        if v_heads != kv_heads or heads % kv_heads:
-            continue
         paths = [q_lin.path, k_lin.path, v_lin.path]
-        out = _output_projection(sdpa, linears, heads, (_shape(sdpa) or (0,))[-1])
-        if out is None:
-            reasons.update(dict.fromkeys(paths, f"no linear takes the output of attention {sdpa.name} through "
-                                                "reshapes only"))
+        head_dim, k_dim, v_dim = len(q_rows) // heads, len(k_rows) // kv_heads, len(v_rows) // v_heads
+        if v_heads != kv_heads or heads % kv_heads:
+            reasons.update(dict.fromkeys(paths, (
+                f"attention {site.node.name}: {heads} query heads of {head_dim}, {kv_heads} key heads of "
+                f"{k_dim}, {v_heads} value heads of {v_dim}: not one GQA grouping")))
             continue
-        o_lin, o_cols = out
+        out = _output_projection(site.out, linears, heads, v_dim)
+        if not isinstance(out, tuple):
+            reasons.update(dict.fromkeys(paths, out or f"no linear takes the output of attention {site.node.name} "
+                                                       "through reshapes and elementwise ops"))
+            continue
+        o_lin, o_cols, gate_rows = out
+        if any(g is not q_lin and g.node in claimed for g, _ in gate_rows):
+            reasons.update(dict.fromkeys(paths, "an output gate of this attention is part of another structure"))
+            continue
         paths.append(o_lin.path)
-        blocker = _mask_blocker(sdpa, names) or next(
-            (why for (lin, count, rows), arg in zip((roles["q"], roles["k"], roles["v"]), sdpa.args[:3])
-             if (why := _head_blocker(lin, rows, count, arg, linears, names)) is not None), None)
+        slot_heads: dict[fx.Node, list[int]] = {}
+        norm_paths: dict[str, list[str]] = {"q": [], "k": [], "v": []}
+        blocker = site.blocker or next(
+            (why for role, arg in zip("qkv", (site.q, site.k, site.v))
+             if (why := _head_blocker(roles[role][0], roles[role][2], roles[role][1], arg, linears, names, slot_heads,
+                                      norm_paths[role])) is not None), None)
+        blocker = blocker or _pairing_blocker(site, heads, kv_heads, slot_heads)
+        norm_roles = [(role if role == "q" else "k", path) for role in "qkv" for path in norm_paths[role]]
+        if not blocker and len({path for _, path in norm_roles}) != len(norm_roles) or any(
+                path in used_norms for _, path in norm_roles):
+            blocker = "a norm weight is shared by several projections or attentions: its rows cannot follow all"
+        used_norms.update(path for _, path in norm_roles)
         if blocker is not None:
             reasons.update(dict.fromkeys(paths, blocker))
             continue
+        slots = list(slot_heads.get(site.q, range(heads)))
+        gates = tuple(Projection(g.path, tuple(_by_head(rows, slots, len(rows) // heads)), g.conv1d)
+                      for g, rows in gate_rows)  # index always given: its length says the rows per head
+        dims = tuple((role, dim) for role, dim in (("k", k_dim), ("v", v_dim), ("o", v_dim)) if dim != head_dim)
         attention = Attention(
             q=Projection(q_lin.path, _index_or_none(q_rows, q_lin.out_features), q_lin.conv1d),
             k=Projection(k_lin.path, _index_or_none(k_rows, k_lin.out_features), k_lin.conv1d),
             v=Projection(v_lin.path, _index_or_none(v_rows, v_lin.out_features), v_lin.conv1d),
-            o=Projection(o_lin.path, _index_or_none(o_cols, o_lin.in_features), o_lin.conv1d),
-            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+            o=Projection(o_lin.path, _index_or_none(_by_head(o_cols, slots, v_dim), o_lin.in_features),
+                         o_lin.conv1d),
+            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, gates=gates, role_dims=dims,
+            norms=tuple((role, Projection(path, tuple(roles[role][2]))) for role, path in norm_roles),
         )
-        attentions.append((sdpa, attention))
-        claimed.update((q_lin.node, k_lin.node, v_lin.node, o_lin.node))
+        attentions.append((site.node, attention))
+        claimed.update((q_lin.node, k_lin.node, v_lin.node, o_lin.node, *(g.node for g, _ in gate_rows)))
     ffns: list[tuple[fx.Node, FFN]] = []
     for node, lin in linears.items():
         if node in claimed:
@@ -616,6 +1169,21 @@ def discover(captured: Captured) -> Structure:
         ffn = _find_ffn(lin, linears)
         if ffn is not None:
             ffns.append((node, ffn))
+    calls: dict[str, int] = {}
+    for lin in linears.values():
+        calls[lin.path] = calls.get(lin.path, 0) + 1
+    shared = {path for path, count in calls.items() if count > 1}
+    if shared:  # a module called twice: permuting its units for one call would change the other
+        def keep(record) -> bool:
+            used = [p.path for p in record.projections().values() if p.path in shared]
+            for path in used:
+                why = (f"{path} is called {calls[path]} times in the forward (a shared module): permuting its "
+                       "units for one call would change the others")
+                reasons.update(dict.fromkeys((p.path for p in record.projections().values()), why))
+            return not used
+
+        attentions = [(n, a) for n, a in attentions if keep(a)]
+        ffns = [(n, f) for n, f in ffns if keep(f)]
     blocks = _pair_blocks(attentions, ffns, linears)
     if not blocks:
         raise ValueError(
@@ -623,17 +1191,59 @@ def discover(captured: Captured) -> Structure:
             "scaled_dot_product_attention and no act(gate) * up -> down or act(up) -> down pattern exists"
             + (f" ({next(iter(reasons.values()))})" if reasons else "")
         )
-    paths = list(dict.fromkeys(lin.path for lin in linears.values()))
+    refused.update(_stacked_weights(captured))
+    paths = list(dict.fromkeys([lin.path for lin in linears.values()] + list(refused)))
+    reasons.update(refused)
     placed = set()
     for block in blocks:
         placed.update(p.path for p in block.projections().values())
+        placed.update(g.path for g in (block.attention.gates if block.attention is not None else ()))
     unrecognized = [p for p in paths if p not in placed]
     return Structure(blocks=blocks, unrecognized=unrecognized, linear_paths=paths,
                      reasons={p: why for p, why in reasons.items() if p in unrecognized})
 
 
+_PRODUCTS = {aten.matmul.default, aten.bmm.default, aten.mm.default, aten.einsum.default, aten.linear.default,
+             aten.baddbmm.default, aten.addmm.default}
+
+
+def _stacked_weights(captured: Captured) -> dict[str, str]:
+    """Parameters of three or more dims multiplied with activations (stacked expert weights), with why
+    they stay dense: S²FT replaces 2-D nn.Linear/Conv1D weights only."""
+    found = {}
+    for node in captured.graph.nodes:
+        name = captured.param_names.get(node.name)
+        shape = _shape(node)
+        if node.op != "placeholder" or name is None or shape is None or len(shape) < 3:
+            continue
+        frontier, depth = [node], 0
+        while frontier and depth < 4:
+            users = [u for n in frontier for u in n.users if u.op == "call_function"]
+            if any(u.target in _PRODUCTS or "grouped_mm" in _op_name(u) for u in users):
+                found[name] = (f"{name} {list(shape)} is a {len(shape)}-D weight (stacked experts, or heads kept as "
+                               "their own axis), not an nn.Linear: S²FT cannot replace it, left dense")
+                break
+            frontier, depth = users, depth + 1
+    return found
+
+
+def _ffn_source(ffn: FFN, linears) -> fx.Node | None:
+    """What the FFN's producers read, before any gather/reshape (experts read the same hidden state)."""
+    producer = next((lin for lin in linears.values() if lin.path == ffn.up.path), None)
+    node = producer.input if producer is not None else None
+    while isinstance(node, fx.Node) and node.op == "call_function" and (
+            node.target in _RESHAPES or node.target in _IDENTITIES or node.target in (
+                aten.index.Tensor, aten.index_select.default)):
+        node = node.args[0]
+    return node
+
+
 def _pair_blocks(attentions, ffns, linears) -> list[Block]:
-    """Block i = the i-th attention (graph order) with the first FFN after it and before the next one."""
+    """Block i = the i-th attention (graph order) with the first FFN after it and before the next one.
+
+    A further FFN before the next attention that reads the same hidden state as the block's FFN (an
+    expert, a shared expert) is a block of its own, ``part_of`` that one; any other is a block of its own.
+    """
     order = {}
     nodes = [n for n, _ in attentions] + [n for n, _ in ffns]
     if nodes:
@@ -642,17 +1252,29 @@ def _pair_blocks(attentions, ffns, linears) -> list[Block]:
     events = sorted([(order[n], "attention", a) for n, a in attentions] +
                     [(order[n], "ffn", f) for n, f in ffns], key=lambda e: e[0])
     blocks: list[Block] = []
-    current_attention, current_ffn = None, None
+    attention, ffn, owner = None, None, None  # owner: (index, source) of the emitted block experts join
+
+    def emit():
+        blocks.append(Block(len(blocks), attention, ffn))
+
     for _, kind, record in events:
         if kind == "attention":
-            if current_attention is not None or current_ffn is not None:
-                blocks.append(Block(len(blocks), current_attention, current_ffn))
-            current_attention, current_ffn = record, None
-        else:
-            if current_ffn is not None:
-                blocks.append(Block(len(blocks), current_attention, current_ffn))
-                current_attention = None
-            current_ffn = record
-    if current_attention is not None or current_ffn is not None:
-        blocks.append(Block(len(blocks), current_attention, current_ffn))
+            if attention is not None or ffn is not None:
+                emit()
+            attention, ffn, owner = record, None, None
+            continue
+        source = _ffn_source(record, linears)
+        if owner is None and ffn is not None and source is not None and source is _ffn_source(ffn, linears):
+            owner = (len(blocks), source)
+            emit()
+            attention, ffn = None, None
+        if owner is not None and source is owner[1]:
+            blocks.append(Block(len(blocks), None, record, part_of=owner[0]))
+            continue
+        if ffn is not None:
+            emit()
+            attention = None
+        ffn, owner = record, None
+    if attention is not None or ffn is not None:
+        emit()
     return blocks

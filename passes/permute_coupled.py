@@ -198,6 +198,14 @@ def _moves(structure: Structure, perms: dict[int, BlockPermutation], inverse: bo
             order = _role_perm(perm, role)
             if order is not None:
                 yield proj, role, (_inverse(order) if inverse else order), unit_size(block, role)
+        if block.attention is not None and perm.heads is not None:
+            for gate in block.attention.gates:  # output gates: rows per query head, like q's
+                size = len(gate.index) // block.attention.num_heads
+                yield gate, "q", (_inverse(perm.heads) if inverse else perm.heads), size
+        for role, norm in block.attention.norms if block.attention is not None else ():
+            order = perm.heads if role == "q" else perm.kv_heads  # a norm weight over the whole q or k projection
+            if order is not None:
+                yield norm, "q", (_inverse(order) if inverse else order), len(norm.index) // len(order)
 
 
 def apply_permutations(model: nn.Module, structure: Structure, perms: dict[int, BlockPermutation],

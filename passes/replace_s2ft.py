@@ -64,7 +64,8 @@ def replace_s2ft(model: nn.Module, structure: Structure, plan: Plan, perms: dict
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
-    for path, (dim, rows, _origin) in slices.items():
-        model.set_submodule(path, S2FTLinear.from_linear(model.get_submodule(path), dim=dim, index=rows))
+    for path, (dim, rows, origin) in slices.items():
+        model.set_submodule(path, S2FTLinear.from_linear(model.get_submodule(path), dim=dim, index=rows,
+                                                         origin=origin))
     return PassResult(bool(slices), f"replaced {len(slices)} projections",
                       outputs={"model": model, "replaced": slices, "requires_grad_before": flags})

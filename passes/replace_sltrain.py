@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsparse.layers import is_conv1d
 from fxsparse.layers.sltrain import SLTrainLinear, layer_seed
 from fxsparse.passes.manager import PassResult, fxpass
+from fxsparse.plan import ROLES
 from fxsparse.structure import Structure
 
 __all__ = ["ROLES", "B_INITS", "replace_sltrain", "resolve_targets", "default_rank", "default_alpha", "model_width"]
 
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 B_INITS = ("zero", "kaiming")
 
 
@@ -57,7 +58,7 @@ def model_width(model: nn.Module, structure: Structure) -> int:
         module = model.get_submodule(proj.path)
         weight = getattr(module, "weight", None)
         if weight is not None:
-            return int(weight.shape[0] if proj.conv1d or type(module).__name__ == "Conv1D" else weight.shape[1])
+            return int(weight.shape[0] if proj.conv1d or is_conv1d(module) else weight.shape[1])
     config = getattr(model, "config", None)
     for name in ("hidden_size", "n_embd", "d_model"):
         if config is not None and _is_int(getattr(config, name, None)):

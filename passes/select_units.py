@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsparse.layers import is_conv1d
 from fxsparse.passes.manager import PassResult, fxpass
-from fxsparse.plan import CRITERIA, ROLE_DIM, ROLES, Plan, arch_of, unit_count, unit_size
+from fxsparse.plan import CRITERIA, ROLE_DIM, ROLES, Plan, arch_of, check_ratios, unit_count, unit_size
 from fxsparse.structure import Block, Structure
 
 __all__ = ["select_units", "choose_units"]
@@ -91,7 +92,7 @@ def choose_units(
     needed by the ``weight``, ``activation`` and ``gradient`` criteria, ``calibration`` (a list of model
     input dicts) by the last two. Bad values raise ``ValueError`` naming them.
     """
-    ratios = _check_ratios(ratios)
+    ratios = check_ratios(ratios)
     if select not in CRITERIA:
         raise ValueError(f"unknown selection criterion {select!r}; known: {list(CRITERIA)}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -139,19 +140,6 @@ def choose_units(
                 layers=None if layers is None else [b.index for b in blocks])
 
 
-def _check_ratios(ratios: Mapping[str, float]) -> dict[str, float]:
-    if not isinstance(ratios, Mapping):
-        raise ValueError(f"ratios must be a dict of role -> fraction, got {ratios!r}")
-    checked = {}
-    for role, ratio in ratios.items():
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r} in ratios; known: {list(ROLES)}")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-            raise ValueError(f"ratio for {role!r} must be in [0, 1], got {ratio!r}")
-        checked[role] = float(ratio)
-    return checked
-
-
 def _chosen_blocks(structure: Structure, layers: Sequence[int] | None) -> list[Block]:
     if layers is None:
         return list(structure.blocks)
@@ -170,7 +158,7 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     if hasattr(module, "merged_weight"):  # an S2FTLinear: its trainable block lives outside .weight
         return module.merged_weight()
     weight = module.weight.detach()
-    return weight.t() if type(module).__name__ == "Conv1D" else weight
+    return weight.t() if is_conv1d(module) else weight
 
 
 def _unit_index(blocks: list[Block], role: str) -> list[tuple[str, torch.Tensor]]:
@@ -284,7 +272,7 @@ def _scored_parameter(module: nn.Module) -> nn.Parameter:
 def _as_out_in(module: nn.Module, grad: torch.Tensor | None) -> torch.Tensor:
     if grad is None:
         raise ValueError(f"select='gradient': no gradient reached the weight of {type(module).__name__}")
-    return grad.t() if type(module).__name__ == "Conv1D" else grad
+    return grad.t() if is_conv1d(module) else grad
 
 
 def _model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:

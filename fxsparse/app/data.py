@@ -38,6 +38,7 @@ __all__ = [
     "BatchStream",
     "task_splits",
     "load_jsonl",
+    "check_eval_n",
     "encode_example",
     "encode_examples",
     "collate",
@@ -181,6 +182,26 @@ def load_jsonl(path: str | Path) -> list[Example]:
     if not examples:
         raise ValueError(f"data file {str(path)!r} holds no examples")
     return examples
+
+
+def check_eval_n(eval_n: int, num_examples: int, source: str) -> None:
+    """Raise a ``ValueError`` that says how to fix an ``--eval-n`` that leaves no example to train on.
+
+    >>> check_eval_n(5, 40, "pairs.jsonl")
+    >>> check_eval_n(40, 40, "pairs.jsonl")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: --eval-n 40 holds out all 40 examples of pairs.jsonl, leaving none to train on: pass --eval-n 4 ...
+    """
+    if eval_n < num_examples:
+        return
+    if eval_n == num_examples:
+        problem = f"holds out all {num_examples} examples of {source}"
+    else:
+        problem = f"asks for {eval_n} held-out examples, but {source} has only {num_examples}"
+    suggestion = f"--eval-n {num_examples // 10} (10% held out for exact match) or " if num_examples >= 10 else ""
+    raise ValueError(f"--eval-n {eval_n} {problem}, leaving none to train on: pass {suggestion}--eval-n 0 (no "
+                     "held-out evaluation), or add examples to the file")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
+from fxsparse.plan import ROLES as _ROLES
+from fxsparse.plan import check_ratios
+
 __all__ = ["add_parser", "run", "run_demo", "parse_ratios", "parse_layers", "DEMO_SETTINGS"]
 
-_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 # The demo: SmolLM2-135M-Instruct answers "What is 37 + 48?" in prose ("To add 50 and 72, ...") and so
 # scores 0% exact match on 100 held-out sums; 12 S²FT steps of 16 examples teach it to answer with the
@@ -64,12 +66,13 @@ def parse_ratios(text: str) -> dict[str, float]:
         if not sep or role not in _ROLES:
             raise ValueError(f"bad ratio {item!r} in --ratios: expected ROLE=FRACTION with ROLE in {list(_ROLES)}")
         try:
-            ratio = float(value)
+            number = float(value)
         except ValueError:
             raise ValueError(f"bad ratio {item!r} in --ratios: {value.strip()!r} is not a number") from None
-        if not 0 <= ratio <= 1:
-            raise ValueError(f"bad ratio {item!r} in --ratios: {ratio} is outside [0, 1]")
-        ratios[role] = ratio
+        try:
+            ratios.update(check_ratios({role: number}))
+        except ValueError as err:
+            raise ValueError(f"bad ratio {item!r} in --ratios: {err}") from None
     if not ratios:
         raise ValueError(f"--ratios {text!r} names no projection")
     return ratios
@@ -103,13 +106,14 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
                         help=f"built-in task (default {defaults['task']!r}); see --list-tasks")
     source.add_argument("--data", default=None, help='JSONL file, one {"prompt": ..., "response": ...} per line')
     p.add_argument("--list-tasks", action="store_true", help="print the built-in tasks and exit")
-    p.add_argument("--recipe", choices=["s2ft", "full"], default=defaults["recipe"],
+    p.add_argument("--recipe", choices=["s2ft", "full"], default=defaults["recipe"], type=_finetune_recipe,
                    help="s2ft (structured sparse) or full fine-tuning")
     p.add_argument("--ratios", default=defaults["ratios"],
                    help="S2FT fractions per projection, e.g. o=0.05,down=0.02")
     p.add_argument("--layers", default=defaults.get("layers"),
-                   help="S2FT: blocks that may get trainable units, e.g. 20-29 (default all); backward stops "
-                        "below the lowest one, so upper blocks only train faster")
+                   help="S2FT: blocks that may get trainable units, e.g. 20-29; backward stops below the lowest one, "
+                        "so upper blocks only train faster (default: "
+                        + (defaults.get("layers") or "all blocks") + ")")
     p.add_argument("--select", default=defaults["select"], choices=["random", "weight", "activation", "gradient"],
                    help="how S2FT picks heads/channels (activation/gradient use two training batches)")
     p.add_argument("--lr", type=float, default=defaults["lr"])
@@ -123,7 +127,7 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
     p.add_argument("--eval-n", type=int, default=defaults["eval_n"], help="held-out examples for exact match")
     p.add_argument("--eval-batch-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 for torch's choice")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true",
@@ -131,8 +135,8 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) 
                         "this or --resume, an earlier run in OUT is an error; demo replaces it anyway)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--compile", nargs="?", const="fxsparse", default=None, choices=["fxsparse", "inductor"],
-                   help="train under torch.compile with this backend (default when given: fxsparse); "
-                        "evaluation stays eager")
+                   help="train under torch.compile with this backend, evaluation stays eager; --compile "
+                        "alone means fxsparse (default: off)")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -189,11 +193,52 @@ def _examples(args):
     return train, heldout, f"task {task!r}: {TASKS[task][0]}"
 
 
+# How a setting that differs from the checkpoint's is named when a resume refuses (or applies) it.
+_FLAGS = {"model": "--model", "recipe": "--recipe", "ratios": "--ratios", "select": "--select", "layers": "--layers",
+          "plan": "--ratios/--select/--layers/--seed", "seed": "--seed", "data": "--task/--data",
+          "train_n": "--train-n", "eval_n": "--eval-n", "batch_size": "--batch-size", "seq_len": "--seq-len",
+          "steps": "--steps", "warmup_steps": "--warmup", "schedule": "--schedule", "lr": "--lr"}
+
 # files that mark an earlier run in --out (refused unless --resume or --overwrite)
 _RUN_OUTPUTS = ("checkpoints/last.pt", "metrics.json")
 
 
+def _finetune_recipe(value: str) -> str:
+    """``--recipe`` type: a pre-training recipe named here gets an explanation, not just "invalid choice"."""
+    if value in ("sltrain", "lowrank"):
+        raise argparse.ArgumentTypeError(
+            f"{value} is a pre-training recipe: it re-initialises every projection (W = B @ A * scale"
+            f"{' + S' if value == 'sltrain' else ''}, drawn from scratch), which would throw away the model's "
+            "trained weights. Fine-tune with --recipe s2ft or full; pre-train with `fxsparse pretrain "
+            f"--recipe {value}`")
+    return value
+
+
+# Blocks of the SmolLM2-135M default model (its config.json: num_hidden_layers).
+_SMOLLM2_BLOCKS = 30
+
+
+def _model_depth(name: str) -> int | None:
+    """How many blocks model ``name`` has, read without loading it; None when it cannot be told cheaply."""
+    from fxsparse.app.models import DEFAULT_MODEL
+    from fxsparse.models import TINY_ARCHS, tiny_config
+
+    if name == DEFAULT_MODEL:
+        return _SMOLLM2_BLOCKS
+    if name.startswith("tiny-") and name[5:] in TINY_ARCHS:
+        return int(tiny_config(name[5:]).num_hidden_layers)
+    config_file = Path(name) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    depth = config.get("num_hidden_layers", config.get("n_layer"))
+    return depth if isinstance(depth, int) else None
+
+
 def _check_args(args) -> None:
+    # values are checked here, before the model loads and the held-out evaluation runs (minutes on SmolLM2)
+    _check_values_before_loading(args)
     for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "seq_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -207,6 +252,25 @@ def _check_args(args) -> None:
         parse_ratios(args.ratios)
         if args.layers:
             parse_layers(args.layers)
+
+
+def _check_values_before_loading(args) -> None:
+    """Value checks that need the data file or the model's depth (read cheaply); warnings for odd settings."""
+    import sys
+
+    if args.recipe == "s2ft" and args.layers:
+        layers, depth = parse_layers(args.layers), _model_depth(args.model)
+        if depth is not None and layers[-1] >= depth:
+            raise ValueError(f"--layers {args.layers} names block {layers[-1]}, but {args.model} has {depth} "
+                             f"blocks, numbered 0-{depth - 1}")
+    if args.data and args.eval_n >= 0 and not args.list_tasks:
+        from fxsparse.app.data import check_eval_n, load_jsonl
+
+        check_eval_n(args.eval_n, len(load_jsonl(args.data)), args.data)
+    if 0 < args.steps < args.warmup:
+        print(f"warning: the warm-up (--warmup {args.warmup}) is longer than the run (--steps {args.steps}): the "
+              f"learning rate only climbs to {args.steps / args.warmup:.0%} of --lr {args.lr:g} and never "
+              f"decays; pass --warmup {max(0, args.steps // 10)} or fewer", file=sys.stderr, flush=True)
 
 
 def _evaluate(model, tokenizer, heldout, args, label: str) -> tuple[float | None, list[str]]:
@@ -223,21 +287,24 @@ def _evaluate(model, tokenizer, heldout, args, label: str) -> tuple[float | None
     return accuracy, answers
 
 
-def _plot(losses: list[float], path: Path, title: str) -> None:
-    import matplotlib
+def _check_fits_model(model, encoded, args) -> None:
+    """Token ids inside the model's vocabulary and sequences within its positions, before anything trains.
 
-    matplotlib.use("Agg")  # headless: no display on CI or servers
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses, marker="o" if len(losses) <= 50 else None, markersize=3)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean response-token loss")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    A tokenizer with more ids than the model's embedding (a folder whose tokenizer gained tokens) or a
+    sequence longer than learned position embeddings (GPT-2's 1024) would otherwise stop with a raw
+    ``IndexError`` deep in the forward pass.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    top = max((max(e.prompt_ids + e.response_ids) for e in encoded if e.prompt_ids + e.response_ids), default=-1)
+    if top >= vocab:
+        raise ValueError(f"the tokenizer of --model {args.model!r} produced token id {top}, outside the model's "
+                         f"vocabulary of {vocab} (ids 0-{vocab - 1}): use the tokenizer the model was trained with")
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = max((len(e.prompt_ids) + len(e.response_ids) for e in encoded), default=0)
+    if isinstance(positions, int) and longest > positions:
+        raise ValueError(f"--seq-len {args.seq_len} lets sequences of {longest} tokens through, but model "
+                         f"{args.model!r} has {positions} positions: pass --seq-len {positions} or less")
 
 
 def _transform(model, tokenizer, train_examples, args) -> tuple[Any, dict[str, float] | None]:
@@ -263,7 +330,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``fxsparse finetune`` with parsed ``args``; returns the metrics also written to metrics.json."""
     import fxsparse
     from fxsparse.app.data import TASKS, BatchStream, encode_examples
-    from fxsparse.app.train import check_out_dir, train, write_text_atomic
+    from fxsparse.app.loop import check_out_dir, command_line, init_distributed, plot_curves, write_text_atomic
+    from fxsparse.app.train import train
 
     if args.list_tasks:
         for name, (description, _) in TASKS.items():
@@ -285,6 +353,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"data: {source}; {len(train_examples)} training / {len(heldout)} held-out examples", flush=True)
     print(f"model: {args.model}", flush=True)
     model, tokenizer = _load(args.model)
+    encoded = encode_examples(tokenizer, train_examples, args.seq_len)
+    _check_fits_model(model, encoded + encode_examples(tokenizer, heldout, args.seq_len), args)
     if torch.cuda.is_available():
         model.cuda()
     before, _ = _evaluate(model, tokenizer, heldout, args, "before")
@@ -299,8 +369,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"trainable parameters: {trainable:,} of {total:,} in the base model ({100 * trainable / total:.3f}%)",
           flush=True)
 
-    stream = BatchStream(encode_examples(tokenizer, train_examples, args.seq_len), args.batch_size,
-                         tokenizer.pad_token_id, seed=args.seed)
+    rank, world = init_distributed()  # under torchrun: each rank its own batches, gradients averaged
+    stream = BatchStream(encoded, args.batch_size, tokenizer.pad_token_id, seed=args.seed + rank)
     if getattr(args, "compile", None):
         from fxsparse.compile import compile_module
 
@@ -308,7 +378,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = train(
         model, stream, steps=args.steps, lr=args.lr, grad_accum=args.grad_accum, warmup_steps=args.warmup,
         schedule=args.schedule, checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, progress=not args.no_progress,
+        resume=args.resume, progress=not args.no_progress, model_name=args.model, flags=_FLAGS,
+        config={"model": args.model, "recipe": args.recipe, "ratios": ratios, "select": args.select if ratios else None,
+                "layers": parse_layers(args.layers) if ratios and args.layers else None, "seed": args.seed,
+                "data": source, "train_n": args.train_n, "eval_n": args.eval_n, "batch_size": args.batch_size,
+                "seq_len": args.seq_len},
     )
     if getattr(args, "compile", None):
         from fxsparse.compile import uncompile_module
@@ -316,6 +390,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         uncompile_module(model)  # generate() below varies its shapes every token: eager is faster there
     print(f"trained {result.steps - result.resumed_from} steps in {result.seconds:.0f} s "
           f"(loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f})", flush=True)
+    if rank != 0:
+        return {"rank": rank, "world_size": world, "steps": result.steps}  # rank 0 evaluates, writes and reports
     after, answers = _evaluate(model, tokenizer, heldout, args, "after")
 
     if args.recipe == "s2ft":
@@ -324,7 +400,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         model.save_pretrained(out / "model")
         saved = out / "model"
-    _plot(result.losses, out / "loss.png", f"{args.model} {args.recipe} on {source.split(':')[0]}")
+    plot_curves(out / "loss.png", result.history, title=f"{args.model} {args.recipe} on {source.split(':')[0]}",
+                loss_label="mean response-token loss")
     metrics = {
         "model": args.model,
         "data": source,
@@ -344,7 +421,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "grad_accum": args.grad_accum,
         "lr": args.lr,
+        "warmup": args.warmup,
+        "schedule": args.schedule,
+        "resume_notes": result.notes,
         "seed": args.seed,
+        "world_size": world,
         "losses": result.losses,
         "lrs": result.lrs,
         "train_tokens": result.tokens,
@@ -359,8 +440,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if before is not None:
         print(f"exact match: {before:.1%} before -> {after:.1%} after")
     print(f"trainable parameters: {trainable:,} of {total:,} in the base model ({100 * trainable / total:.3f}%)")
-    print(f"wrote {saved}, {out / 'loss.png'}, {out / 'metrics.json'} "
+    print(f"wrote {saved}, {out / 'loss.png'}, {out / 'metrics.json'}, {checkpoint_dir / 'last.pt'} "
           f"({metrics['wall_seconds']:.0f} s in all)")
+    longer = command_line(add_parser, getattr(args, "command", None) or "finetune", args, steps=2 * args.steps)
+    print(f"train longer: {longer} --resume")
     return metrics
 
 

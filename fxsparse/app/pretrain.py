@@ -39,14 +39,12 @@ import argparse
 import json
 import math
 import platform
-import random
-import time
+import shlex
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -60,7 +58,7 @@ __all__ = [
     "recipe_options",
     "parse_args",
     "preset_from_config",
-    "cosine_with_warmup",
+    "export_hf",
     "evaluate",
     "accumulate_gradients",
     "add_parser",
@@ -68,7 +66,7 @@ __all__ = [
 ]
 
 RECIPES = ("sltrain", "lowrank", "dense")
-_CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -210,25 +208,6 @@ def recipe_options(args: argparse.Namespace, preset: Preset) -> dict[str, Any]:
     return options
 
 
-def cosine_with_warmup(warmup: int, total: int, min_ratio: float = 0.1):
-    """LR multiplier: linear from 1/warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio``.
-
-    >>> f = cosine_with_warmup(10, 110)
-    >>> f(0), f(9), round(f(60), 3), round(f(110), 3)
-    (0.1, 1.0, 0.55, 0.1)
-    """
-    if warmup < 0 or total < 1:
-        raise ValueError(f"need warmup >= 0 and total >= 1, got warmup={warmup}, total={total}")
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
 class TrainBatches:
     """Micro-batches of packed training sequences in a seeded order per epoch; the position is the state.
 
@@ -311,45 +290,6 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], dt
     return total
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _plot(metrics: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4))
-    history = metrics["history"]
-    ax_loss.plot([h["step"] for h in history], [h["train_loss"] for h in history], lw=0.8, label="train")
-    evals = metrics["evals"]
-    ax_loss.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="held-out")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    ax_ppl.plot([e["step"] for e in evals], [e["val_ppl"] for e in evals], "o-")
-    ax_ppl.set_yscale("log")
-    ax_ppl.set_xlabel("step")
-    ax_ppl.set_ylabel("held-out perplexity")
-    fig.suptitle(f"{metrics['config']['preset']} / {metrics['config']['recipe']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _load_tokenizer(name: str):
     if name == "bytes":
         from fxsparse.app.corpus import ByteTokenizer
@@ -371,7 +311,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
     )
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--preset", default="60m", help=f"model size: {', '.join(PRESETS)} (default 60m)")
+    size.add_argument("--preset", default="60m", help=f"model size: {', '.join(PRESETS)}")
     size.add_argument("--config", help="JSON file with hidden_size, intermediate_size, num_hidden_layers, "
                                        "num_attention_heads (instead of --preset)")
     p.add_argument("--recipe", default="sltrain", choices=RECIPES)
@@ -380,10 +320,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None,
                    help="low-rank scale is alpha/rank (default: 32 below hidden 1024, else 16)")
     p.add_argument("--support", default="random", choices=("random", "block"), help="SLTrain sparse support")
-    p.add_argument("--block-size", type=int, default=None, help="SLTrain block support: block edge")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="SLTrain block support: block edge (default: the recipe's, 32)")
     p.add_argument("--data", nargs="+", default=None,
-                   help="text files or folders (default: the Python docs of Debian's python3.11-doc)")
-    p.add_argument("--tokenizer", default="smollm2", help="smollm2 (default) or bytes (a stand-in for tests)")
+                   help="`stdlib` (this Python's standard-library sources: always there), `debian-docs` (the "
+                        "Python docs of Debian's python3.11-doc) or text files/folders (default: debian-docs "
+                        "where installed, else stdlib)")
+    p.add_argument("--tokenizer", default="smollm2",
+                   help="smollm2, or bytes (UTF-8 bytes: a stand-in that needs no files)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of tokens, whole documents")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
@@ -408,10 +352,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="start from step 0 even if OUT holds an earlier run, replacing it (without this or "
                         "--resume, an earlier run in OUT is an error)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--compile", nargs="?", const="fxsparse", default=None, choices=["fxsparse", "inductor"],
-                   help="train and evaluate under torch.compile with this backend (default when given: fxsparse)")
+                   help="train and evaluate under torch.compile with this backend; --compile alone means fxsparse "
+                        "(default: off)")
+    p.add_argument("--save-hf", metavar="DIR", default=None,
+                   help="at the end, also write a Hugging Face model folder (low-rank/sparse merged to dense)")
     p.set_defaults(func=run)
     return p
 
@@ -429,23 +376,60 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--stop-at must be in [1, --steps={args.steps}], got {args.stop_at}")
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be at least 1, got {args.rank}")
+    _validate_recipe_values(args)
 
 
-# Settings that must match between a checkpoint and the run resuming it (anything else may change).
-_RESUME_KEYS = ("preset", "model", "recipe", "recipe_options", "seq_len", "batch_size", "grad_accum", "steps",
-                "lr", "warmup", "min_lr_ratio", "weight_decay", "clip", "dtype", "seed", "corpus_key",
-                "val_fraction")
+def _validate_recipe_values(args: argparse.Namespace) -> None:
+    """The value options checked against each other and the model size, before any tokenizer or model loads."""
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
+    for name in ("clip", "weight_decay", "save_every", "eval_batches"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.recipe == "sltrain" and not 0 < args.sparsity < 1:
+        raise ValueError(f"--sparsity is the density of the sparse part and must be in (0, 1), e.g. 0.03; got "
+                         f"{args.sparsity} (for no sparse part use --recipe lowrank)")
+    if args.alpha is not None and not 0 < args.alpha < math.inf:
+        raise ValueError(f"--alpha must be a positive finite number, got {args.alpha}")
+    if args.block_size is not None and args.block_size < 1:
+        raise ValueError(f"--block-size must be at least 1, got {args.block_size}")
+    preset = preset_from_config(args.config) if args.config else PRESETS.get(args.preset)
+    if preset is None or args.recipe == "dense":
+        return
+    narrowest = min(preset.hidden_size, preset.intermediate_size)
+    if args.rank is not None and args.rank >= narrowest:
+        raise ValueError(f"--rank {args.rank} must be below {narrowest}, the narrowest side of the {preset.name} "
+                         f"model's projections (hidden {preset.hidden_size}, FFN {preset.intermediate_size})")
+    if args.recipe == "sltrain" and args.support == "block" and (args.block_size or 32) > narrowest:
+        raise ValueError(f"--block-size {args.block_size or 32} is wider than the {preset.name} model's narrowest "
+                         f"projection side ({narrowest}): pass --block-size {narrowest} or less")
+
+
+# How a mismatched setting is named when a resume refuses it (run_loop names everything else by its key).
+_FLAGS = {
+    "preset": "--preset/--config", "model": "--preset/--config", "recipe": "--recipe",
+    "recipe_options": "--rank/--alpha/--sparsity/--support/--block-size", "seq_len": "--seq-len",
+    "batch_size": "--batch-size", "grad_accum": "--grad-accum", "dtype": "--dtype", "seed": "--seed",
+    "corpus_key": "--data/--tokenizer", "vocab_size": "--tokenizer", "tokenizer": "--tokenizer",
+    "eos_token_id": "--tokenizer", "val_fraction": "--val-fraction", "steps": "--steps", "warmup_steps": "--warmup",
+    "min_lr_ratio": "--min-lr-ratio", "schedule": "the schedule", "floor_after_last": "the schedule", "lr": "--lr",
+    "weight_decay": "--weight-decay", "max_grad_norm": "--clip", "betas": "AdamW betas",
+}
+# Run settings a resume must match; the schedule and the optimizer settings are checked by run_loop.
+_RESUME_KEYS = ("preset", "model", "recipe", "recipe_options", "seq_len", "batch_size", "grad_accum", "dtype", "seed",
+                "corpus_key", "val_fraction", "vocab_size", "tokenizer", "eos_token_id")
 
 
 def run(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     """Train as ``args`` says; write ``metrics.json``, ``curves.png`` and ``checkpoint.pt`` under ``args.out``.
 
-    ``tokenizer`` overrides ``--tokenizer`` (tests pass a stand-in). Returns the metrics dict.
+    ``tokenizer`` overrides ``--tokenizer`` (tests pass a stand-in). Prints a summary at the end (held-out
+    perplexity, tokens, time, files, how to continue). Returns the metrics dict.
     """
-    from tqdm.auto import tqdm
-
     from fxsparse.app.corpus import load_corpus, pack_sequences, split_documents
-    from fxsparse.app.train import check_finite_loss, check_out_dir, write_text_atomic
+    from fxsparse.app.loop import check_out_dir, init_distributed, plot_curves, run_loop, write_text_atomic
 
     _validate(args)
     if args.threads:
@@ -457,7 +441,13 @@ def run(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown preset {args.preset!r}; choose one of {list(PRESETS)} or give --config")
     out = Path(args.out)
-    check_out_dir(out, ("checkpoint.pt", "metrics.json"), args.resume, getattr(args, "overwrite", False))
+    check_out_dir(out, (CHECKPOINT_NAME, "metrics.json"), args.resume, getattr(args, "overwrite", False))
+    checkpoint_path = out / CHECKPOINT_NAME
+    resume_path = None
+    if args.resume:
+        resume_path = checkpoint_path if args.resume == "auto" else Path(args.resume)
+        if not resume_path.exists():
+            raise ValueError(f"--resume: checkpoint {str(resume_path)!r} does not exist")
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(args.tokenizer)
@@ -465,7 +455,8 @@ def run(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     train_ids, val_ids = split_documents(corpus, args.val_fraction, seed=0)
     train_seqs = pack_sequences(train_ids, args.seq_len)
     val_seqs = pack_sequences(val_ids, args.seq_len)
-    batches = TrainBatches(train_seqs, args.batch_size, args.seed)
+    rank, world = init_distributed()  # under torchrun: each rank its own batch order, gradients averaged
+    batches = TrainBatches(train_seqs, args.batch_size, args.seed + rank)
 
     options = recipe_options(args, preset)
     model = build_model(preset, len(tokenizer), args.seq_len, args.seed, tokenizer.eos_token_id)
@@ -476,11 +467,7 @@ def run(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
         from fxsparse.compile import compile_module
 
         compile_module(model, backend=args.compile)  # in place: state_dict keys (checkpoints) unchanged
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = args.warmup if args.warmup is not None else args.steps // 10
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup, args.steps,
-                                                                                 args.min_lr_ratio))
     tokens_per_step = args.batch_size * args.grad_accum * args.seq_len
     embedding_params = sum(m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings()))
     total_params = sum(p.numel() for p in model.parameters())
@@ -490,92 +477,109 @@ def run(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
         "steps": args.steps, "lr": args.lr, "warmup": warmup, "min_lr_ratio": args.min_lr_ratio,
         "weight_decay": args.weight_decay, "clip": args.clip, "dtype": args.dtype, "seed": args.seed,
         "corpus_key": corpus.key, "val_fraction": args.val_fraction, "vocab_size": len(tokenizer),
+        "tokenizer": args.tokenizer, "eos_token_id": tokenizer.eos_token_id,
     }
+
+    def step() -> tuple[float, int]:
+        micro_batches = [batches.next().to(device) for _ in range(args.grad_accum)]
+        return accumulate_gradients(model, micro_batches, args.dtype), tokens_per_step
+
+    def held_out() -> dict[str, float]:
+        val_loss = evaluate(model, val_seqs, args.batch_size, args.eval_batches, args.dtype)
+        return {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
+
+    result = run_loop(
+        model, step, steps=args.steps, lr=args.lr, warmup_steps=warmup, schedule="cosine",
+        min_lr_ratio=args.min_lr_ratio, floor_after_last=True, weight_decay=args.weight_decay,
+        max_grad_norm=args.clip or None, data=batches, checkpoint_path=checkpoint_path,
+        checkpoint_every=args.save_every, resume=resume_path, full_state=True, stop_at=args.stop_at,
+        evaluate=held_out, eval_every=args.eval_every, config={key: config[key] for key in _RESUME_KEYS},
+        flags=_FLAGS, model_name=preset.name, progress=not args.no_progress, desc=f"{preset.name}/{args.recipe}",
+    )
+    if rank != 0:
+        return {"rank": rank, "world_size": world, "steps_done": result.steps}  # rank 0 writes and reports
     metrics: dict[str, Any] = {
         "config": config,
         "corpus": {"documents": corpus.num_documents, "tokens": corpus.num_tokens,
                    "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
                    "train_sequences": len(train_seqs), "val_sequences": len(val_seqs)},
         "params_total": total_params,
-        "params_trainable": sum(p.numel() for p in params),
+        "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "params_non_embedding": total_params - embedding_params,
         "tokens_per_step": tokens_per_step,
-        "history": [], "evals": [], "wall_time_s": 0.0,
+        "history": result.history, "evals": result.evals, "wall_time_s": result.wall_time_s,
+        "resumed_from": result.resumed_from, "resume_notes": result.notes,
+        "steps_done": result.steps, "tokens_seen": result.tokens,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
+        "world_size": world,
     }
-
-    checkpoint_path = out / "checkpoint.pt"
-    start_step = 0
-    if args.resume:
-        source = checkpoint_path if args.resume == "auto" else Path(args.resume)
-        if not source.exists():
-            raise ValueError(f"--resume: checkpoint {str(source)!r} does not exist")
-        state = torch.load(source, map_location=device, weights_only=False)
-        for key in _RESUME_KEYS:
-            if state["metrics"]["config"].get(key) != config[key]:
-                raise ValueError(f"--resume: {key} differs from the checkpoint's "
-                                 f"({config[key]!r} now, {state['metrics']['config'].get(key)!r} there)")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        batches.load_state_dict(state["data"])
-        _set_rng_state(state["rng"])
-        start_step = state["step"]
-        for key in ("history", "evals", "wall_time_s"):
-            metrics[key] = state["metrics"][key]
-
-    def save_checkpoint(step: int) -> None:
-        state = {"version": _CHECKPOINT_VERSION, "step": step, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "data": batches.state_dict(), "rng": _rng_state(), "metrics": metrics}
-        partial = checkpoint_path.with_suffix(".pt.part")
-        torch.save(state, partial)
-        partial.replace(checkpoint_path)  # atomic: a run killed while saving keeps the previous checkpoint
-
-    stop = args.stop_at if args.stop_at is not None else args.steps
-    model.train()
-    clock = time.perf_counter()
-    wall_before = metrics["wall_time_s"]
-    bar = tqdm(total=args.steps, initial=start_step, desc=f"{preset.name}/{args.recipe}", unit="step",
-               disable=args.no_progress, dynamic_ncols=True)
-    for step in range(start_step, stop):
-        micro_batches = [batches.next().to(device) for _ in range(args.grad_accum)]
-        step_loss = accumulate_gradients(model, micro_batches, args.dtype)
-        check_finite_loss(step_loss, step + 1)  # before the update and any checkpoint of this step
-        if args.clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        metrics["wall_time_s"] = wall_before + time.perf_counter() - clock
-        metrics["history"].append({"step": done, "tokens": done * tokens_per_step, "train_loss": step_loss,
-                                   "lr": lr, "wall_time_s": metrics["wall_time_s"]})
-        postfix = {"loss": f"{step_loss:.3f}"}
-        if done % args.eval_every == 0 or done == args.steps:
-            val_loss = evaluate(model, val_seqs, args.batch_size, args.eval_batches, args.dtype)
-            metrics["evals"].append({"step": done, "tokens": done * tokens_per_step, "val_loss": val_loss,
-                                     "val_ppl": math.exp(val_loss)})
-            postfix["val_ppl"] = f"{math.exp(val_loss):.1f}"
-        bar.set_postfix(postfix)
-        bar.update(1)
-        if args.save_every and done % args.save_every == 0 and done != stop:
-            save_checkpoint(done)
-    bar.close()
-    final_step = max(stop, start_step)
-    metrics["steps_done"] = final_step
-    metrics["tokens_seen"] = final_step * tokens_per_step
-    metrics["wall_time_s"] = wall_before + time.perf_counter() - clock
-    if metrics["evals"]:
-        metrics["final_val_loss"] = metrics["evals"][-1]["val_loss"]
-        metrics["final_val_ppl"] = metrics["evals"][-1]["val_ppl"]
-    save_checkpoint(final_step)
+    if result.evals:
+        metrics["final_val_loss"] = result.evals[-1]["val_loss"]
+        metrics["final_val_ppl"] = result.evals[-1]["val_ppl"]
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
-    if metrics["history"]:
-        _plot(metrics, out / "curves.png")
+    written = [checkpoint_path, out / "metrics.json"]
+    if result.history:
+        plot_curves(out / "curves.png", result.history, result.evals, f"{preset.name} / {args.recipe}")
+        written.append(out / "curves.png")
+    if getattr(args, "save_hf", None):
+        written.append(export_hf(checkpoint_path, args.save_hf))
+    print(_summary(args, metrics, written), flush=True)
     return metrics
+
+
+def _summary(args: argparse.Namespace, metrics: dict[str, Any], written: list[Path]) -> str:
+    """What a run did and how to go on: held-out numbers, tokens, time, files, the command to continue."""
+    from fxsparse.app.loop import command_line
+
+    config = metrics["config"]
+    done, steps = metrics["steps_done"], config["steps"]
+    lines = [f"pretrain {config['preset']}/{config['recipe']}: step {done} of {steps}, "
+             f"{metrics['tokens_seen']:,} tokens, {metrics['wall_time_s']:.1f} s of training"
+             + (f" (resumed at step {metrics['resumed_from']})" if metrics["resumed_from"] else "")]
+    if "final_val_loss" in metrics:
+        lines.append(f"held-out loss {metrics['final_val_loss']:.4f}, perplexity {metrics['final_val_ppl']:.2f} "
+                     f"(step {metrics['evals'][-1]['step']})")
+    lines.append("wrote " + ", ".join(str(path) for path in written))
+    command = command_line(add_parser, "pretrain", args)
+    if done < steps:
+        lines.append(f"continue to step {steps}: {command} --resume")
+    else:
+        # the warm-up spelled out: its default (a tenth of --steps) would grow with --steps and be refused
+        longer = command_line(add_parser, "pretrain", args, steps=2 * steps, warmup=config["warmup"])
+        lines.append(f"train longer: {longer} --resume")
+        if not getattr(args, "save_hf", None):
+            lines.append(f"as a Hugging Face model folder: fxsparse export {shlex.quote(str(written[0]))} --out DIR")
+    return "\n".join(lines)
+
+
+def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
+    """Turn a ``pretrain`` checkpoint into a Hugging Face model folder (SLTrain / low-rank merged to dense).
+
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it and gives the trained model's logits. The
+    SmolLM2 tokenizer is saved beside it when the run used it. Returns ``out_dir``.
+    """
+    import fxsparse
+    from fxsparse.app.checkpoint import load_checkpoint
+    from fxsparse.app.loop import CHECKPOINT_FORMAT
+
+    checkpoint_path, out_dir = Path(checkpoint_path), Path(out_dir)
+    state = load_checkpoint(checkpoint_path)
+    config = state.get("config", {})
+    if state.get("format") != CHECKPOINT_FORMAT or "model" not in state or "recipe" not in config:
+        raise ValueError(f"{str(checkpoint_path)!r} is not an fxsparse pretrain checkpoint (fine-tuning checkpoints "
+                         "hold only the trainable blocks: use the adapter or `fxsparse merge` for those)")
+    preset = Preset(**config["model"])
+    model = build_model(preset, config["vocab_size"], config["seq_len"], config["seed"], config.get("eos_token_id"))
+    model = apply_recipe(model, config["recipe"], config["recipe_options"])
+    model.load_state_dict(state["model"])
+    if config["recipe"] != "dense":
+        model = fxsparse.merge(model)
+    model.eval()
+    model.save_pretrained(out_dir)
+    if config.get("tokenizer") == "smollm2":
+        _load_tokenizer("smollm2").save_pretrained(out_dir)
+    return out_dir
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -5,7 +5,39 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["dense_module"]
+__all__ = ["dense_module", "is_conv1d", "materialize"]
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """Rebuild what fxsparse layers derive from their plan or seed after ``to_empty()``: S²FT index buffers
+    (from the layer's host copy) and SLTrain supports (drawn again from the layer's seed), then check them.
+
+    ``model.to_empty(device=...)`` already calls this per layer when it leaves the meta device; calling it
+    again is harmless. Parameters are not touched: load a state dict (or the base weights) for their values.
+
+    >>> import torch, fxsparse
+    >>> from fxsparse.models import tiny_model
+    >>> with torch.device("meta"):
+    ...     model = tiny_model("llama")
+    >>> model = fxsparse.transform(model, "sltrain", rank=4, block_size=8)
+    >>> model = materialize(model.to_empty(device="cpu"))
+    >>> layer = model.model.layers[0].mlp.up_proj
+    >>> layer.check_support() is None and layer.support_crow.device.type
+    'cpu'
+    """
+    for module in model.modules():
+        rebuild = getattr(module, "materialize", None)
+        if module is not model and callable(rebuild) and type(module).__module__.startswith("fxsparse.layers."):
+            rebuild()
+    return model
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers GPT-2 ``Conv1D`` (weight stored (in, out)).
+
+    Matched by name and attributes so that transformers is not imported just to check a type.
+    """
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
 @torch.no_grad()

@@ -157,25 +157,20 @@ class RecomputingGatedFFN(nn.Module):
         super().__init__()
         if len(set(names)) != 3:
             raise ValueError(f"gate/up/down names must be three distinct attribute names, got {names!r}")
-        self.activation = _check_activation(activation)
+        # Plain attributes only under underscore names: the submodules may be called ``gate``, ``up``, ``down``
+        # or ``activation`` in the module this replaces, and must keep those names.
+        self._activation = _check_activation(activation)
         self._names = tuple(names)
         for name, module in zip(names, (gate, up, down), strict=True):
             self.add_module(name, module)
 
-    @property
-    def gate(self) -> nn.Module:
-        return getattr(self, self._names[0])
-
-    @property
-    def up(self) -> nn.Module:
-        return getattr(self, self._names[1])
-
-    @property
-    def down(self) -> nn.Module:
-        return getattr(self, self._names[2])
+    def parts(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """(gate, up, down), whatever their attribute names."""
+        return tuple(self._modules[name] for name in self._names)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down(gated_act_mul(self.gate(hidden_states), self.up(hidden_states), self.activation))
+        gate, up, down = self.parts()
+        return down(gated_act_mul(gate(hidden_states), up(hidden_states), self._activation))
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}"
+        return f"activation={self._activation!r}"

@@ -28,6 +28,8 @@ True
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import operator
 from collections.abc import Sequence
 
@@ -38,13 +40,34 @@ from torch.nn import functional as F
 from fxsparse.codegen.s2ft import index_lists, s2ft_multi_adapter
 from fxsparse.codegen.s2ft import s2ft_linear as _s2ft_op
 from fxsparse.layers import dense_module
+from fxsparse.layers import is_conv1d as _is_conv1d
 
-__all__ = ["S2FTLinear", "s2ft_linear", "MultiAdapterLinear", "AdapterRouter"]
+__all__ = ["S2FTLinear", "s2ft_linear", "MultiAdapterLinear", "AdapterRouter", "values_fingerprint",
+           "StateMismatchError"]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # Matched by name so transformers is not imported just to check a type.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+class StateMismatchError(ValueError):
+    """A state dict was saved from an fxsparse layer built another way (another plan, alpha, seed...)."""
+
+
+def values_fingerprint(values: torch.Tensor) -> str | None:
+    """sha256 (hex) of ``values`` and their shape, rounded to bfloat16; None for meta tensors.
+
+    What an adapter records of the base values under its block, to recognise the base it was trained on.
+    Rounding to bfloat16 first makes a float32 base and its bfloat16/float16 copies agree (the usual
+    "train in float32, serve in bfloat16"), while another fine-tune or another initialisation differs in
+    some entry and so in the hash.
+
+    >>> w = torch.randn(4, 3)
+    >>> values_fingerprint(w) == values_fingerprint(w.to(torch.bfloat16)) != values_fingerprint(w + 1)
+    True
+    """
+    if values.is_meta:
+        return None
+    data = values.detach().to(torch.bfloat16).to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256(f"{tuple(data.shape)}:".encode())
+    digest.update(ctypes.string_at(data.data_ptr(), data.numel() * data.element_size()))  # no numpy needed
+    return digest.hexdigest()
 
 
 def _contiguous_span(index: Sequence[int]) -> tuple[int, int] | None:
@@ -85,7 +108,12 @@ class S2FTLinear(nn.Module):
 
     Attributes: ``weight`` (frozen, (out, in), trainable rows/columns zeroed), ``bias`` (frozen or None),
     ``block`` (the trainable parameter: (k, in) rows or (out, k) columns), ``index`` (persistent buffer,
-    sorted int64), ``dim``.
+    sorted int64), ``dim``. Two more persistent buffers identify the layer's plan and base: ``origin``
+    (int64, the original row/column of each block row/column before S²FT's co-permutation) and
+    ``base_sha256`` (``base_fingerprint``, what adapters record; zeros when unknown). Loading a state dict
+    whose ``origin`` differs (another plan of the same shapes) raises :class:`StateMismatchError` naming the
+    layer; one without these buffers (written before they existed) loads as before. ``to_empty()`` from the
+    meta device rebuilds the index buffers from the layer's host copy (:meth:`materialize`).
 
     >>> layer = S2FTLinear.from_linear(nn.Linear(4, 6, bias=False), dim=0, index=[5, 1])
     >>> layer.index.tolist(), tuple(layer.block.shape), layer.weight.requires_grad
@@ -102,12 +130,25 @@ class S2FTLinear(nn.Module):
         conv1d: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        origin: Sequence[int] | None = None,
     ):
         super().__init__()
         if dim not in (0, 1):
             raise ValueError(f"dim must be 0 (rows) or 1 (columns), got {dim!r}")
         size = out_features if dim == 0 else in_features
+        if origin is not None:
+            given = index.tolist() if isinstance(index, torch.Tensor) else list(index)
+            origin = [int(o) for o in origin]
+            if len(origin) != len(given):
+                raise ValueError(f"origin has {len(origin)} entries for {len(given)} index entries")
+            by_index = dict(zip(given, origin))
         sorted_index = _check_index(index, size, dim)
+        # The original (unpermuted) row/column of each block row/column: what identifies the plan in the state
+        # dict (the index alone does not: after the co-permutation two plans can use the same positions).
+        # Host copies of the persistent index buffers: the buffers are rebuilt from them after to_empty().
+        self._origin = [by_index[i] for i in sorted_index] if origin is not None else list(sorted_index)
+        self._index_list = list(sorted_index)
+        self._fingerprint: str | None = None  # see base_fingerprint
         self.in_features, self.out_features = in_features, out_features
         self.dim = dim
         self.conv1d = conv1d
@@ -118,6 +159,8 @@ class S2FTLinear(nn.Module):
         block_shape = (k, in_features) if dim == 0 else (out_features, k)
         self.block = nn.Parameter(torch.zeros(block_shape, **factory))
         self.register_buffer("index", torch.tensor(sorted_index, dtype=torch.int64, device=device))
+        self.register_buffer("origin", torch.tensor(self._origin, dtype=torch.int64, device=device))
+        self.register_buffer("base_sha256", torch.zeros(32, dtype=torch.uint8, device=device))
         self._span = _contiguous_span(sorted_index)
         # int32 selected/complement positions for the kernels: derived state, not saved with the model
         self.register_buffer("_sel", torch.empty(0, dtype=torch.int32, device=device), persistent=False)
@@ -132,10 +175,13 @@ class S2FTLinear(nn.Module):
         self._rest = torch.tensor([i for i in range(size) if i not in chosen], dtype=torch.int32, device=device)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, dim: int, index: Sequence[int]) -> S2FTLinear:
+    def from_linear(cls, linear: nn.Module, dim: int, index: Sequence[int],
+                    origin: Sequence[int] | None = None) -> S2FTLinear:
         """Build from an ``nn.Linear`` or ``Conv1D``; ``block`` starts from the original values.
 
-        The original module is left untouched.
+        ``origin``: the original row/column of each ``index`` entry when ``linear``'s weight was permuted
+        (default: ``index`` itself). The original module is left untouched. Records ``base_fingerprint``
+        (:func:`values_fingerprint` of the block's base values in ascending original order).
         """
         conv1d = _is_conv1d(linear)
         if conv1d:
@@ -147,7 +193,7 @@ class S2FTLinear(nn.Module):
         out_features, in_features = dense.shape
         bias = getattr(linear, "bias", None)
         layer = cls(in_features, out_features, dim, index, bias=bias is not None, conv1d=conv1d,
-                    device=dense.device, dtype=dense.dtype)
+                    device=dense.device, dtype=dense.dtype, origin=origin)
         with torch.no_grad():
             layer.weight.copy_(dense)
             if bias is not None:
@@ -159,7 +205,29 @@ class S2FTLinear(nn.Module):
             else:
                 layer.block.copy_(dense.index_select(1, idx))
                 layer.weight.index_fill_(1, idx, 0)
+            layer.base_fingerprint = layer.block_fingerprint()
         return layer
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """:func:`values_fingerprint` of the base values the block replaced (None if unknown, e.g. built on the
+        meta device): what :func:`fxsparse.save_adapter` records to tie an adapter to its base. Kept in the
+        state dict as the ``base_sha256`` buffer (zeros: unknown)."""
+        return self._fingerprint
+
+    @base_fingerprint.setter
+    def base_fingerprint(self, value: str | None) -> None:
+        self._fingerprint = value
+        if not self.base_sha256.is_meta:
+            raw = bytes.fromhex(value) if value is not None else bytes(32)
+            self.base_sha256.copy_(torch.tensor(list(raw), dtype=torch.uint8))
+
+    @torch.no_grad()
+    def block_fingerprint(self) -> str | None:
+        """:func:`values_fingerprint` of the block's current values in ascending original order."""
+        order = sorted(range(len(self._origin)), key=self._origin.__getitem__)
+        block = self.block.detach()
+        return values_fingerprint(block.index_select(self.dim, torch.tensor(order, device=block.device)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:
@@ -182,19 +250,77 @@ class S2FTLinear(nn.Module):
         """A fresh module of the original type (``nn.Linear`` or ``Conv1D``) holding the merged values."""
         return dense_module(self.merged_weight(), self.bias, self.conv1d)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        # The span is derived from the index buffer; a loaded index must refresh it.
-        index = self.index.tolist()
-        if index:
-            self._span = _contiguous_span(index)
-            self._refresh_lists(index)
+    # ------------------------------------------------------------------ state dict, to_empty, materialise
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        name = prefix[:-1] or "S2FTLinear"
+        size = self.out_features if self.dim == 0 else self.in_features
+        origin = state_dict.get(prefix + "origin")
+        if isinstance(origin, torch.Tensor) and not origin.is_meta and origin.tolist() != self._origin:
+            raise StateMismatchError(
+                f"{name}: the state dict was saved with another S2FT plan (its block holds original "
+                f"{_KIND[self.dim]} {_short(origin.tolist())}, this layer's {_short(self._origin)}); transform the "
+                "model with the plan it was trained with (fxsparse.transform(model, 's2ft', plan=...)) or load "
+                "its adapter with fxsparse.load_adapter")
+        index = state_dict.get(prefix + "index")
+        if isinstance(index, torch.Tensor) and not index.is_meta and index.shape == self.index.shape:
+            try:
+                if _check_index(index.tolist(), size, self.dim) != index.tolist():
+                    raise ValueError("not sorted")
+            except ValueError as exc:
+                raise StateMismatchError(f"{name}: the state dict's index is invalid ({exc}): the file is "
+                                         "corrupt or not from an S2FT model") from None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for key in ("origin", "base_sha256"):  # state dicts written before these buffers existed
+            if prefix + key in missing_keys:
+                missing_keys.remove(prefix + key)
+        # The span and the kernels' lists are derived from the index buffer; a loaded index must refresh them.
+        if not self.index.is_meta:
+            index = self.index.tolist()
+            if index:
+                self._index_list = index
+                self._span = _contiguous_span(index)
+                self._refresh_lists(index)
+            if prefix + "base_sha256" in state_dict:  # the checkpoint's base is now this layer's base
+                self._fingerprint = bytes(self.base_sha256.tolist()).hex() if self.base_sha256.any() else None
+
+    def _apply(self, fn, recurse=True):
+        was_meta = self.index.is_meta
+        result = super()._apply(fn, recurse)
+        if was_meta and not self.index.is_meta:
+            # to_empty(): the index buffers are uninitialised memory; the host copy knows them
+            self.materialize()
+        return result
+
+    @torch.no_grad()
+    def materialize(self) -> None:
+        """Rewrite the index buffers from the layer's own (host) copy of its selection.
+
+        Called by ``to_empty()`` itself when the layer leaves the meta device, and by
+        :func:`fxsparse.materialize`. Parameters (``weight``, ``bias``, ``block``) are not touched: after
+        ``to_empty()`` load them from a state dict.
+        """
+        if self.index.is_meta:
+            return
+        self.index.copy_(torch.tensor(self._index_list, dtype=torch.int64))
+        self.origin.copy_(torch.tensor(self._origin, dtype=torch.int64))
+        self.base_fingerprint = self._fingerprint
+        self._refresh_lists(self._index_list)
+        self._span = _contiguous_span(self._index_list)
 
     def extra_repr(self) -> str:
         kind = "rows" if self.dim == 0 else "columns"
         layout = f"slice {self._span[0]}:{self._span[1]}" if self._span is not None else "gathered"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"trainable {kind}={self.index.numel()} ({layout}), bias={self.bias is not None}")
+
+
+_KIND = {0: "rows", 1: "columns"}
+
+
+def _short(values: list[int], limit: int = 8) -> str:
+    return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ... ({len(values)})]"
 
 
 def _check_index(index: Sequence[int], size: int, dim: int) -> list[int]:

@@ -17,6 +17,15 @@ seed) and stored as int32 buffers. Two support layouts:
   pointer and the column-major tile order (int32), ``12 / block_size**2`` bytes per non-zero in all.
   ``values`` holds the tiles one after another, row-major.
 
+The state dict also holds ``settings`` (5 int64: seed, rank, alpha as float64 bits, support, block size).
+Loading a state dict from a layer with another alpha, rank, support or block size raises
+:class:`~fxsparse.layers.s2ft.StateMismatchError` naming the layer (the seed is adopted with the support it
+drew); a support whose indices are out of bounds or out of order raises ``ValueError`` before anything is
+copied, instead of crashing the sparse kernels. A layer built on the meta device draws its support again
+from its seed when ``to_empty()`` gives it memory (:meth:`SLTrainLinear.reset_support`,
+:func:`fxsparse.materialize`). Without autocast the layer computes in the input's dtype, so float32 master
+parameters train on a bfloat16 model.
+
 Training never builds an ``out x in`` tensor: the forward is ``(x @ A.T) @ B.T * scale + x @ S.T``, the
 backward takes dB and dA from the rank-r activation, dS only on the support (a sampled dense-dense
 product), and dx through the factors and ``S.T``. Only ``x`` and ``x @ A.T`` (times ``scale``) are saved
@@ -48,10 +57,13 @@ from torch import nn
 
 from fxsparse.codegen.sltrain import sltrain_block, sltrain_random, tile_pointers, transpose_csr
 from fxsparse.layers import dense_module
+from fxsparse.layers import is_conv1d as _is_conv1d
+from fxsparse.layers.s2ft import StateMismatchError
 
 __all__ = [
     "SUPPORTS",
     "SLTrainLinear",
+    "StateMismatchError",
     "layer_seed",
     "random_support",
     "block_support",
@@ -113,9 +125,16 @@ def _tile_index(tile: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def sltrain_linear(x: torch.Tensor, layer: SLTrainLinear) -> torch.Tensor:
-    """``x @ (B @ A * scale + S).T + bias`` for ``layer``'s parameters, without forming the weight."""
+    """``x @ (B @ A * scale + S).T + bias`` for ``layer``'s parameters, without forming the weight.
+
+    Without autocast the layer computes in the input's dtype: float32 master parameters on a bfloat16 model
+    (the usual mixed-precision recipe) are cast for the products, and their gradients come back in float32.
+    """
     A, B, values, bias = layer.A, layer.B, layer.values, layer.bias
     device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type) and x.is_floating_point() and A.dtype != x.dtype:
+        A, B, values = A.to(x.dtype), B.to(x.dtype), values.to(x.dtype)
+        bias = bias.to(x.dtype) if bias is not None else None
     if torch.is_autocast_enabled(device_type):
         # autocast would pick a dtype per op inside the kernels; run the whole layer in the autocast dtype
         dtype = torch.get_autocast_dtype(device_type)
@@ -172,19 +191,18 @@ class SLTrainLinear(nn.Module):
         factory = {"dtype": dtype if dtype is not None else torch.get_default_dtype()}
 
         generator = torch.Generator().manual_seed(self.seed)
+        first, second = self._draw_support(generator)
         if support == "random":
-            nnz = round(self.sparsity * out_features * in_features)
-            crow, col = random_support(out_features, in_features, nnz, generator)
-            self.register_buffer("support_crow", crow)
-            self.register_buffer("support_col", col)
+            self.register_buffer("support_crow", first)
+            self.register_buffer("support_col", second)
+            nnz = second.numel()
         else:
-            tiles = round(self.sparsity * out_features * in_features / block_size**2)
-            if self.sparsity > 0:
-                tiles = max(tiles, 1)
-            tile_row, tile_col = block_support(out_features, in_features, tiles, block_size, generator)
-            self.register_buffer("tile_row", tile_row)
-            self.register_buffer("tile_col", tile_col)
-            nnz = tiles * block_size * block_size
+            self.register_buffer("tile_row", first)
+            self.register_buffer("tile_col", second)
+            nnz = first.numel() * block_size * block_size
+        # Recorded in the state dict: seed (adopted on load, with the support it drew), and rank, alpha (float64
+        # bits), support, block size (checked on load), as int64 so that model.to(dtype) leaves it alone.
+        self.register_buffer("settings", self._settings())
 
         A = torch.empty(self.rank, in_features, **factory)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
@@ -199,6 +217,111 @@ class SLTrainLinear(nn.Module):
         self.register_load_state_dict_post_hook(SLTrainLinear._after_load)
         if device is not None:
             self.to(device)
+
+    def _draw_support(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The support drawn from ``generator`` (its first draws): (crow, col) or (tile_row, tile_col), CPU int32."""
+        out_features, in_features, bs = self.out_features, self.in_features, self.block_size
+        if self.support == "random":
+            return random_support(out_features, in_features, round(self.sparsity * out_features * in_features),
+                                  generator)
+        tiles = round(self.sparsity * out_features * in_features / bs**2)
+        if self.sparsity > 0:
+            tiles = max(tiles, 1)
+        return block_support(out_features, in_features, tiles, bs, generator)
+
+    def _settings(self) -> torch.Tensor:
+        alpha_bits = torch.tensor([self.alpha], dtype=torch.float64).view(torch.int64).item()
+        return torch.tensor([self.seed, self.rank, alpha_bits, SUPPORTS.index(self.support), self.block_size],
+                            dtype=torch.int64)
+
+    def _support_tensors(self) -> dict[str, torch.Tensor]:
+        names = ("support_crow", "support_col") if self.support == "random" else ("tile_row", "tile_col")
+        return {name: getattr(self, name) for name in names}
+
+    def check_support(self, tensors: dict[str, torch.Tensor] | None = None, name: str = "SLTrainLinear") -> None:
+        """``ValueError`` unless the support index tensors (the layer's, or ``tensors`` about to be loaded) are
+        well formed: shapes, bounds and order. Uninitialised memory (``to_empty()``) or a corrupt file fails
+        here instead of crashing the sparse kernels."""
+        tensors = self._support_tensors() if tensors is None else tensors
+        if any(t.is_meta for t in tensors.values()):
+            return
+        nnz = self.values.numel()
+        problem = None
+        if self.support == "random":
+            crow, col = (tensors[k].long() for k in ("support_crow", "support_col"))
+            if crow.shape != (self.out_features + 1,) or col.dim() != 1:
+                problem = f"support_crow has shape {tuple(crow.shape)}, expected ({self.out_features + 1},)"
+            elif int(crow[0]) != 0 or int(crow[-1]) != col.numel() or bool((crow.diff() < 0).any()):
+                problem = "support_crow is not a row pointer (0 first, non-decreasing, ending at the non-zero count)"
+            elif col.numel() and (int(col.min()) < 0 or int(col.max()) >= self.in_features):
+                problem = f"support_col has entries outside [0, {self.in_features})"
+            elif col.numel() != nnz and nnz:
+                problem = f"the support has {col.numel()} entries for {nnz} values"
+        else:
+            rows, cols = (tensors[k].long() for k in ("tile_row", "tile_col"))
+            grid = (self.out_features // self.block_size, self.in_features // self.block_size)
+            if rows.shape != cols.shape or rows.dim() != 1:
+                problem = f"tile_row {tuple(rows.shape)} and tile_col {tuple(cols.shape)} differ in shape"
+            elif rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= grid[0] or int(cols.min()) < 0
+                                   or int(cols.max()) >= grid[1]):
+                problem = f"tiles outside the {grid[0]} x {grid[1]} tile grid"
+            elif rows.numel() > 1 and bool((rows.diff() < 0).any()):
+                problem = "tiles are not sorted by block-row"
+        if problem is not None:
+            raise ValueError(f"{name}: invalid sparse support ({problem}): uninitialised memory after to_empty() "
+                             "(call fxsparse.materialize(model)) or a corrupt state dict")
+
+    @torch.no_grad()
+    def reset_support(self) -> None:
+        """Draw the support again from the layer's seed (the same one the constructor drew) and rebuild the
+        index tensors the kernels use. For a model transformed on the meta device after ``to_empty()``
+        (``to_empty`` calls it itself; :func:`fxsparse.materialize` too). Parameters are not touched."""
+        if self.values.is_meta:
+            return
+        drawn = self._draw_support(torch.Generator().manual_seed(self.seed))
+        for tensor, (key, current) in zip(drawn, self._support_tensors().items(), strict=True):
+            setattr(self, key, tensor.to(current.device))
+        self.settings = self._settings().to(self.settings.device)
+        self.check_support()
+        self._derive_support()
+
+    materialize = reset_support
+
+    def _apply(self, fn, recurse=True):
+        was_meta = self.values.is_meta
+        result = super()._apply(fn, recurse)
+        if was_meta and not self.values.is_meta:
+            self.reset_support()  # to_empty(): every buffer is uninitialised memory
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        name = prefix[:-1] or "SLTrainLinear"
+        settings = state_dict.get(prefix + "settings")
+        if isinstance(settings, torch.Tensor) and not settings.is_meta and settings.numel() == 5:
+            seed, rank, alpha_bits, support, block_size = settings.tolist()
+            alpha = torch.tensor([alpha_bits], dtype=torch.int64).view(torch.float64).item()
+            # the seed is not compared: the support it drew comes with the state dict, and the layer adopts both
+            theirs = {"rank": rank, "alpha": alpha,
+                      "support": SUPPORTS[support] if 0 <= support < len(SUPPORTS) else support,
+                      "block_size": block_size}
+            ours = {"rank": self.rank, "alpha": self.alpha, "support": self.support, "block_size": self.block_size}
+            if self.support == "random":
+                del theirs["block_size"], ours["block_size"]
+            diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+            if diff:
+                shown = ", ".join(f"{k}={a!r} (this layer: {b!r})" for k, (a, b) in diff.items())
+                raise StateMismatchError(
+                    f"{name}: the state dict was saved from an SLTrain layer with {shown}; transform the model with "
+                    "the options it was trained with (rank, alpha, support, block_size)")
+            self.seed = int(seed)
+        incoming = {key: state_dict[prefix + key] for key in self._support_tensors() if prefix + key in state_dict}
+        if len(incoming) == 2 and all(isinstance(t, torch.Tensor) for t in incoming.values()):
+            self.check_support(incoming, name)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "settings" in missing_keys:  # state dicts written before the settings were recorded
+            missing_keys.remove(prefix + "settings")
 
     def _derive_support(self) -> None:
         """Index tensors the kernels need (int32), rebuilt from the persistent support (also after loading)."""
@@ -288,10 +411,6 @@ class SLTrainLinear(nn.Module):
             + (f", block_size={self.block_size}" if self.support == "block" else "")
             + f", nnz={self.nnz}, bias={self.bias is not None}"
         )
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
 def _check_args(in_features, out_features, rank, sparsity, alpha, support, block_size) -> None:

@@ -83,7 +83,8 @@ class Recipe:
     ``name``: the registry key; ``config_cls``: a frozen dataclass validated in ``__post_init__``;
     ``passes``: pass functions (see :mod:`fxsparse.passes.manager`), checked against ``INPUTS`` and the
     config's fields when the recipe is made; ``merge(model) -> model``: back to plain layers;
-    ``finish(model, context)``: what of the pass context stays on the model (called after the last pass).
+    ``finish(model, context)``: what of the pass context stays on the model (called after the last pass);
+    ``check(model, config)``: ``ValueError`` for options that do not fit this model (called before any pass).
     """
 
     name: str
@@ -91,6 +92,7 @@ class Recipe:
     passes: Sequence[Callable[..., PassResult]]
     merge: Callable[[nn.Module], nn.Module]
     finish: Callable[[nn.Module, Mapping[str, Any]], None] | None = None
+    check: Callable[[nn.Module, Any], None] | None = None
 
     def __post_init__(self):
         if not dataclasses.is_dataclass(self.config_cls):
@@ -233,6 +235,13 @@ def apply_recipe(model: nn.Module, recipe: Recipe, config: Any, example_inputs: 
         raise ValueError(f"model is already transformed with recipe {model._fxsparse_recipe!r}; merge it first")
     if not isinstance(config, recipe.config_cls):
         raise ValueError(f"recipe {recipe.name!r} takes a {recipe.config_cls.__name__}, got {type(config).__name__}")
+    for path, module in model.named_modules():
+        if type(module).__module__.startswith("fxsparse.layers."):
+            raise ValueError(f"{path or 'the model'} is already an fxsparse {type(module).__name__} (a layer of an "
+                             "earlier transform or adapter server): merge or unwrap that model first, or start from "
+                             "the base model")
+    if recipe.check is not None:
+        recipe.check(model, config)
     snapshot = _ModelSnapshot(model)
     manager = PassManager(recipe.passes, inputs=INPUTS, config_cls=recipe.config_cls, log=log)
     try:

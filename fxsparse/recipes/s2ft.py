@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,8 +48,8 @@ from fxsparse.passes.recompute_gated_act import recompute_gated_act
 from fxsparse.passes.record_reference import record_reference
 from fxsparse.passes.replace_s2ft import replace_s2ft
 from fxsparse.passes.select_units import select_units
-from fxsparse.plan import CRITERIA, ROLES, Plan
-from fxsparse.recipes import Recipe, as_real, check_seed, lift_save_refusal, register_recipe
+from fxsparse.plan import CRITERIA, Plan, check_ratios
+from fxsparse.recipes import Recipe, check_seed, lift_save_refusal, register_recipe
 from fxsparse.structure import Structure
 
 __all__ = ["S2FTConfig", "S2FTState", "S2FT", "DEFAULT_RATIOS", "s2ft_state", "merge_s2ft"]
@@ -97,18 +97,7 @@ class S2FTConfig:
     verify: bool = True
 
     def __post_init__(self):
-        given = DEFAULT_RATIOS if self.ratios is None else self.ratios
-        if not isinstance(given, Mapping):
-            raise ValueError(f"ratios={given!r} must be a mapping from projection to fraction, e.g. "
-                             f"{{'o': 0.1, 'down': 0.02}}; projections: {list(ROLES)}")
-        ratios = {}
-        for role, ratio in given.items():
-            if role not in ROLES:
-                raise ValueError(f"unknown projection {role!r} in ratios; known: {list(ROLES)}")
-            value = as_real(ratio)
-            if value is None or not 0 <= value <= 1:
-                raise ValueError(f"ratio for {role!r} must be a real number in [0, 1], got {ratio!r}")
-            ratios[role] = value
+        ratios = check_ratios(DEFAULT_RATIOS if self.ratios is None else self.ratios)
         object.__setattr__(self, "ratios", ratios)
         object.__setattr__(self, "seed", check_seed(self.seed))
         object.__setattr__(self, "layers", _check_layers(self.layers))
@@ -136,6 +125,8 @@ class S2FTState:
     replaced: dict[str, tuple[int, list[int], list[int]]]  # path -> (dim, rows after permutation, original rows)
     recomputed: dict[str, nn.Module]  # owner path -> the original gated FFN module
     requires_grad: dict[str, bool]  # parameter name -> flag before transform
+    # path -> the block's values at transform time (the base values it replaced; CPU): what export_lora subtracts
+    base_blocks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def s2ft_state(model: nn.Module) -> S2FTState:
@@ -150,6 +141,8 @@ def _finish(model: nn.Module, context: Mapping[str, Any]) -> None:
         structure=context["structure"], plan=context["plan"], perms=context["perms"],
         replaced=context["replaced"], recomputed=context["recomputed"],
         requires_grad=context["requires_grad_before"],
+        base_blocks={path: model.get_submodule(path).block.detach().to("cpu", copy=True)
+                     for path in context["replaced"] if not model.get_submodule(path).block.is_meta},
     )
 
 
@@ -172,6 +165,26 @@ def merge_s2ft(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_calibration(model: nn.Module, config: S2FTConfig) -> None:
+    """Calibration token ids must be integer tensors inside the model's vocabulary (not a raw IndexError)."""
+    if not config.calibration:
+        return
+    embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    for number, batch in enumerate(config.calibration):
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        if ids is None:
+            continue  # select_units names a batch without input_ids
+        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex \
+                or ids.dtype == torch.bool:
+            kind = f"a {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else f"a {type(ids).__name__}"
+            raise ValueError(f"calibration batch {number}: input_ids must be an integer tensor, got {kind}")
+        if ids.numel() and (int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab)):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"calibration batch {number}: input_ids holds token id {bad}, outside the model's "
+                             f"vocabulary [0, {vocab})")
+
+
 S2FT = register_recipe(Recipe(
     name="s2ft",
     config_cls=S2FTConfig,
@@ -179,4 +192,5 @@ S2FT = register_recipe(Recipe(
             recompute_gated_act, check_function),
     merge=merge_s2ft,
     finish=_finish,
+    check=_check_calibration,
 ))

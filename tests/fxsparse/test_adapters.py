@@ -1,6 +1,7 @@
 """S2FT adapters: save/load round trip, validation errors, in-place switching on a merged model."""
 
 import copy
+import hashlib
 import json
 
 import pytest
@@ -186,6 +187,7 @@ def _doctored(source, target, module, new_name, grow_rows):
     meta["modules"][new_name], tensors[new_name] = info, block
     target.mkdir()
     save_file(tensors, str(target / "adapter.safetensors"))
+    meta["tensors_sha256"] = hashlib.sha256((target / "adapter.safetensors").read_bytes()).hexdigest()
     (target / "adapter.json").write_text(json.dumps(meta))
     return target
 

@@ -21,7 +21,18 @@ def test_inspect_table(capsys):
     assert main(["inspect", "--model", "tiny-phi3"]) == 0
     out = capsys.readouterr().out
     assert "qkv_proj (fused)" in out and "gate_up_proj -> down_proj (fused)" in out
-    assert "unrecognized linears: lm_head" in out
+    assert "unrecognized linears (left dense): 1\n  lm_head: " in out
+
+
+def test_inspect_prints_what_it_left_dense_and_why(capsys):
+    from fxsparse.app.cli import format_structure
+    from fxsparse.structure import Structure
+
+    structure = Structure(blocks=[], unrecognized=["model.layers.0.self_attn.q_proj", "lm_head"],
+                          reasons={"model.layers.0.self_attn.q_proj": "a per-head gain multiplies q"})
+    text = format_structure(structure)
+    assert "  model.layers.0.self_attn.q_proj: a per-head gain multiplies q" in text
+    assert "  lm_head: not part of an attention or FFN pattern" in text
 
 
 def test_unknown_model_is_a_clean_error(capsys):

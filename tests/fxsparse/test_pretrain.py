@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fxsparse.app.corpus import ByteTokenizer
+from fxsparse.app.loop import lr_factor
 from fxsparse.app.pretrain import (
     PRESETS,
     Preset,
@@ -17,7 +18,6 @@ from fxsparse.app.pretrain import (
     accumulate_gradients,
     apply_recipe,
     build_model,
-    cosine_with_warmup,
     parse_args,
     preset_from_config,
     run,
@@ -85,8 +85,11 @@ def test_preset_validation_and_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("warmup,total,floor", [(10, 110, 0.1), (0, 37, 0.0), (5, 6, 0.2)])
-def test_cosine_with_warmup_shape(warmup, total, floor):
-    f = cosine_with_warmup(warmup, total, floor)
+def test_pretrain_schedule_shape(warmup, total, floor):
+    # pretrain's cosine reaches the floor at step `steps`, one past its last step
+    def f(step):
+        return lr_factor(step, total, warmup, "cosine", floor, floor_after_last=True)
+
     values = [f(s) for s in range(total + 1)]
     ramp, decay = values[:warmup], values[warmup:]
     assert all(a < b for a, b in zip(ramp, ramp[1:], strict=False))
@@ -185,10 +188,27 @@ def run_dense_params(tiny_setup, tmp_path) -> int:
 
 def test_resume_refuses_changed_settings_and_missing_checkpoint(tiny_setup, tmp_path):
     run(_args(tiny_setup, tmp_path / "a", "--recipe", "dense", "--steps", "4", "--stop-at", "2"))
-    with pytest.raises(ValueError, match="lr"):
-        run(_args(tiny_setup, tmp_path / "a", "--recipe", "dense", "--steps", "4", "--lr", "0.01", "--resume"))
+    for changed, flag in [(["--seq-len", "16"], "--seq-len"), (["--seed", "1"], "--seed"),
+                          (["--warmup", "1"], "--warmup"), (["--recipe", "lowrank", "--rank", "4"], "--recipe")]:
+        with pytest.raises(ValueError, match=f"--resume: {flag}.*checkpoint.*--overwrite"):
+            run(_args(tiny_setup, tmp_path / "a", "--recipe", "dense", "--steps", "4", *changed, "--resume"))
     with pytest.raises(ValueError, match="does not exist"):
         run(_args(tiny_setup, tmp_path / "b", "--recipe", "dense", "--steps", "4", "--resume"))
+    longer = run(_args(tiny_setup, tmp_path / "a", "--recipe", "dense", "--steps", "5", "--resume"))
+    assert longer["steps_done"] == 5 and "--steps is 5 in this run, 4" in longer["resume_notes"][0]
+
+
+def test_resume_with_another_lr_applies_it_and_records_it(tiny_setup, tmp_path, capsys):
+    run(_args(tiny_setup, tmp_path / "a", "--recipe", "dense", "--steps", "4", "--stop-at", "2", "--lr", "0.003"))
+    capsys.readouterr()
+    metrics = run(_args(tiny_setup, tmp_path / "a", "--recipe", "dense", "--steps", "4", "--lr", "0.01", "--resume"))
+    assert "--lr is 0.01 in this run, 0.003 in the checkpoint" in capsys.readouterr().out
+    lrs = [h["lr"] for h in metrics["history"]]
+    # warm-up 2 then cosine to the 0.1 floor at step 4: steps 3 and 4 use the new peak 0.01
+    expected = [0.003 * 0.5, 0.003] + [0.01 * lr_factor(s, 4, 2, "cosine", 0.1, floor_after_last=True) for s in (2, 3)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    on_disk = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert on_disk["config"]["lr"] == 0.01 and on_disk["resume_notes"] and on_disk["history"][-1]["lr"] == lrs[-1]
 
 
 def test_training_learns_and_writes_outputs(tiny_setup, tmp_path):

@@ -359,7 +359,7 @@ def test_gradient_criterion_picks_the_largest_gradients_and_keeps_no_batch():
 def test_state_keeps_the_selection_not_the_inputs():
     model = fxsparse.transform(tiny_model("llama"), "s2ft", example_inputs=_ids(1, (4, 40)), ratios={"o": 0.34})
     fields = {f.name for f in dataclasses.fields(model._fxsparse_s2ft)}
-    assert fields == {"structure", "plan", "perms", "replaced", "recomputed", "requires_grad"}
+    assert fields == {"structure", "plan", "perms", "replaced", "recomputed", "requires_grad", "base_blocks"}
 
 
 def test_smollm2_transform_is_exact_and_tiny(smollm2_copy):

@@ -275,6 +275,7 @@ def test_loading_another_support_rebuilds_the_kernel_indices(support):
     x = torch.randn(5, 48, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
     torch.testing.assert_close(dst.dense_weight(), src.dense_weight(), rtol=0, atol=0)
+    assert dst.seed == 4  # the seed comes with the support it drew: reset_support() draws the loaded one again
 
 
 @pytest.mark.parametrize("support,block_size", SUPPORT_CASES)
@@ -341,8 +342,10 @@ def test_layer_pickles_and_keeps_rebuilding_after_load(support, block_size, tmp_
 def test_support_bytes_are_what_the_docstring_says(support, block_size):
     d_in, d_out = 123, 431
     layer = SLTrainLinear(d_in, d_out, rank=4, sparsity=0.05, support=support, block_size=block_size)
-    persistent = {k: v for k, v in layer.state_dict().items() if k in dict(layer.named_buffers())}
-    held = dict(layer.named_buffers())
+    # settings: 5 int64 per layer (seed, rank, alpha, support, block size), not per non-zero
+    assert layer.settings.dtype == torch.int64 and layer.settings.numel() == 5
+    held = {k: v for k, v in layer.named_buffers() if k != "settings"}
+    persistent = {k: v for k, v in layer.state_dict().items() if k in held}
     size = lambda buffers: sum(b.numel() * b.element_size() for b in buffers.values())  # noqa: E731
     assert all(b.dtype == torch.int32 for b in held.values())
     if support == "random":

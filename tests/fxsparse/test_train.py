@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import fxsparse.app.loop
 import fxsparse.app.train
 from fxsparse.app.data import BatchStream, CharTokenizer, collate, encode_examples, task_splits
 from fxsparse.app.train import (
@@ -238,7 +239,7 @@ def test_non_finite_loss_stops_before_that_step_is_saved(tmp_path, monkeypatch):
         train(model, stream, steps=3, lr=1e-3, checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
     assert isinstance(info.value, ValueError) and isinstance(info.value, NonFiniteLossError)  # CLI: clean exit 2
     saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
-    assert saved["step"] == 1 and len(saved["losses"]) == 1
+    assert saved["step"] == 1 and len(saved["metrics"]["history"]) == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -250,7 +251,7 @@ def test_write_text_atomic_keeps_the_old_file_when_interrupted(tmp_path, monkeyp
     def killed(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fxsparse.app.train.os, "replace", killed)
+    monkeypatch.setattr(fxsparse.app.loop.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         write_text_atomic(path, "new")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
@@ -269,5 +270,7 @@ def test_check_out_dir_needs_resume_or_overwrite_over_an_earlier_run(tmp_path):
         check_out_dir(tmp_path, ["last.pt"], resume=True, overwrite=True)
     assert check_out_dir(tmp_path, ["last.pt"], resume=True, overwrite=False) is True
     assert (tmp_path / "last.pt").exists()
+    (tmp_path / "last.pt.sha256").write_text("{}")
     assert check_out_dir(tmp_path, ["last.pt"], resume=False, overwrite=True) is True
     assert not (tmp_path / "last.pt").exists()  # a crash of the new run cannot leave the old one to resume
+    assert not (tmp_path / "last.pt.sha256").exists()

@@ -320,3 +320,29 @@ def test_pass_selects_or_checks_a_given_plan(llama):
     other = _plan(arch={**arch_of(structure), "num_kv_heads": 3})
     with pytest.raises(ValueError, match="plan was made for another architecture.*num_kv_heads"):
         select_units(structure=structure, model=model, ratios={"o": 0.5}, plan=other)
+
+
+# ---------------------------------------------------------------- blocks of different sizes
+
+
+def _ffn_block(index, channels, part_of=None):
+    ffn = FFN(up=Projection(f"l{index}.up"), gate=None, down=Projection(f"l{index}.down"), channels=channels)
+    attention = Attention(*(Projection(f"l{index}.{r}") for r in "qkvo"), num_heads=6, num_kv_heads=2, head_dim=8)
+    return Block(index, attention if part_of is None else None, ffn, part_of=part_of)
+
+
+def test_blocks_of_different_sizes_select_per_block():
+    """A dense first layer (80 channels), then a shared expert (56) with a routed expert (24) part of it: one
+    pool over every block's own channels; the plan's arch records the sizes per block and checks them."""
+    structure = Structure(blocks=[_ffn_block(0, 80), _ffn_block(1, 56), _ffn_block(2, 24, part_of=1)])
+    arch = arch_of(structure)
+    assert arch["channels"] == 80 and arch["sizes"] == [[6, 2, 8, 80], [6, 2, 8, 56], [0, 0, 0, 24]]
+    plan = choose_units(structure, {"down": 1.0, "o": 0.5}, seed=0)
+    assert [len(plan.selected(b, "down")) for b in range(3)] == [80, 56, 24]
+    assert plan.count("o") == 6 and not plan.selected(2, "o")
+    assert Plan.from_json(plan.to_json()) == plan
+    with pytest.raises(ValueError, match=r"units \[30\] of block 2 role 'down' outside \[0, 24\)"):
+        Plan(units={2: {"down": [30]}}, ratios={}, select="random", seed=0, arch=arch)
+    uniform = Structure(blocks=[_ffn_block(0, 80), _ffn_block(1, 80)])
+    with pytest.raises(ValueError, match="plan was made for another architecture.*sizes"):
+        plan.check_structure(uniform)
