@@ -1,7 +1,8 @@
 """The README's "Results" section, generated from the committed CSVs under ``benchmarks/results/``.
 
 Every figure in that section comes from a CSV row that a committed benchmark wrote (device, date and git
-revision in the row); this script picks each benchmark's latest run, writes the section between the
+revision in the row); this script picks each benchmark's latest run on a clean tree (rows tagged ``-dirty``
+are left out), writes the section between the
 ``<!-- results:begin -->`` / ``<!-- results:end -->`` markers of ``README.md``, and draws ``compile.png``
 (the other two plots are drawn by their own benchmarks). ``--check`` only compares: it fails when the README
 says something the CSVs do not (CI runs it, ``tests/benchmarks/test_readme_results.py``).
@@ -33,11 +34,13 @@ def _rows(name: str) -> list[dict[str, str]]:
 
 
 def _latest(rows: list[dict[str, str]], key: Callable[[dict[str, str]], tuple]) -> list[dict[str, str]]:
-    """The rows of the last run (rows sharing ``key``; runs are appended in time order)."""
-    if not rows:
+    """The rows of the last run measured on committed code (rows sharing ``key``; runs are appended in time
+    order). Rows whose ``git_rev`` ends in ``-dirty`` stay in the CSVs and their tables, never in the README."""
+    clean = [r for r in rows if not r.get("git_rev", "").endswith("-dirty")]
+    if not clean:
         return []
-    last = key(rows[-1])
-    return [r for r in rows if key(r) == last]
+    last = key(clean[-1])
+    return [r for r in clean if key(r) == last]
 
 
 def _table(header: list[str], body: list[list[str]]) -> list[str]:

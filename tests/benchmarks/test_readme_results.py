@@ -29,6 +29,7 @@ def test_every_figure_in_the_section_comes_from_the_latest_csv_rows():
     text = module.section()
     with open(ROOT / "benchmarks" / "results" / "s2ft_vs_lora.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
+    rows = [r for r in rows if not r["git_rev"].endswith("-dirty")]
     last = [r for r in rows if (r["date"], r["git_rev"]) == (rows[-1]["date"], rows[-1]["git_rev"])]
     for row in last:
         cells = f"| {row['provider']} | {float(row['median_ms']):.0f} | {row['min_ms']} | {row['ratio_to_lora']} |"
@@ -57,3 +58,10 @@ def test_missing_markers_are_refused():
     module = _module()
     with pytest.raises(SystemExit, match="markers"):
         module.replace_section("# a README without the markers\n", module.section())
+
+
+def test_rows_from_a_dirty_tree_never_reach_the_readme():
+    module = _module()
+    rows = [{"date": "d1", "git_rev": "abc", "provider": "x"}, {"date": "d2", "git_rev": "abc-dirty", "provider": "y"}]
+    assert module._latest(rows, lambda r: (r["date"], r["git_rev"])) == rows[:1]
+    assert module._latest(rows[1:], lambda r: (r["date"], r["git_rev"])) == []
