@@ -96,6 +96,29 @@ def sltrain_section() -> list[str]:
             *_table(["provider", "step ms", "x dense", "params x dense", "linear GFLOP"], body), ""]
 
 
+def scaling_section() -> list[str]:
+    rows = _latest([r for r in _rows("scaling.csv") if r.get("sweep") == "seq"], lambda r: (r["run_id"],))
+    if not rows:
+        return []
+    seqs = sorted({int(r["seq"]) for r in rows})
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    cell = {(r["provider"], int(r["seq"])): r for r in rows}
+
+    def fmt(provider: str, seq: int) -> str:
+        r = cell.get((provider, seq))
+        return f"{float(r['median_ms']):.0f} ms / {float(r['saved_mb']):.0f} MB" if r else ""
+
+    body = [[p, *(fmt(p, q) for q in seqs)] for p in providers]
+    first = rows[0]
+    return ["### Step time and saved activations against sequence length", "",
+            f"Run `{first['run_id']}` of {first['date']} at `{first['git_rev']}` on {first['device']}, "
+            f"{first['threads']} threads (`python benchmarks/scaling.py --sweep seq`, rows in "
+            f"`benchmarks/results/scaling.csv`): SmolLM2-135M, batch {first['batch']}, S²FT at "
+            f"{first['s2ft_ratios']}, LoRA r={first['lora_rank']}; median step / activations saved for backward.", "",
+            *_table(["provider", *(f"{q} tokens" for q in seqs)], body),
+            "", "![scaling with sequence length](benchmarks/results/scaling_seq.png)", ""]
+
+
 def pretrain_section() -> list[str]:
     rows = _latest(_rows("pretrain_compare.csv"), lambda r: (r["run_id"],))
     if not rows:
@@ -132,7 +155,7 @@ def zoo_section() -> list[str]:
             *_table(["status", "architectures", "share"], body), ""]
 
 
-SECTIONS = (s2ft_section, compile_section, sltrain_section, pretrain_section, zoo_section)
+SECTIONS = (s2ft_section, compile_section, scaling_section, sltrain_section, pretrain_section, zoo_section)
 
 
 def section() -> str:
