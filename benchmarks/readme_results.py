@@ -119,6 +119,32 @@ def scaling_section() -> list[str]:
             "", "![scaling with sequence length](benchmarks/results/scaling_seq.png)", ""]
 
 
+def scaling_ratio_section() -> list[str]:
+    rows = _latest([r for r in _rows("scaling.csv") if r.get("sweep") == "ratio"], lambda r: (r["run_id"],))
+    if not rows:
+        return []
+    points = list(dict.fromkeys(r["s2ft_ratios"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    cell = {(r["provider"], r["s2ft_ratios"]): r for r in rows}
+
+    def fmt(provider: str, point: str) -> str:
+        r = cell.get((provider, point))
+        if r is None:
+            return ""
+        rank = f" (r={r['lora_rank']})" if provider == "lora" else ""
+        return f"{float(r['median_ms']):.0f} ms / {float(r['saved_mb']):.0f} MB{rank}"
+
+    body = [[p, *(fmt(p, q) for q in points)] for p in providers]
+    first = rows[0]
+    return ["### Step time and saved activations against the trainable budget", "",
+            f"Run `{first['run_id']}` of {first['date']} at `{first['git_rev']}` on {first['device']}, "
+            f"{first['threads']} threads (`python benchmarks/scaling.py --sweep ratio`, rows in "
+            f"`benchmarks/results/scaling.csv`): SmolLM2-135M, batch {first['batch']} x {first['seq']}, S²FT's "
+            "down ratio grows, LoRA's rank is the one nearest S²FT's trainable count; median step / saved.", "",
+            *_table(["provider", *points], body),
+            "", "![scaling with the trainable ratio](benchmarks/results/scaling_ratio.png)", ""]
+
+
 def pretrain_section() -> list[str]:
     rows = _latest(_rows("pretrain_compare.csv"), lambda r: (r["run_id"],))
     if not rows:
@@ -155,7 +181,8 @@ def zoo_section() -> list[str]:
             *_table(["status", "architectures", "share"], body), ""]
 
 
-SECTIONS = (s2ft_section, compile_section, scaling_section, sltrain_section, pretrain_section, zoo_section)
+SECTIONS = (s2ft_section, compile_section, scaling_section, scaling_ratio_section, sltrain_section, pretrain_section,
+            zoo_section)
 
 
 def section() -> str:
