@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _bench import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def fq():
-    sys.path.insert(0, str(BENCH))  # the scripts import their siblings (_env, bench_s2ft)
-    try:
-        spec = importlib.util.spec_from_file_location("finetune_quality_under_test", BENCH / "finetune_quality.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("finetune_quality") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 @pytest.fixture(scope="module")

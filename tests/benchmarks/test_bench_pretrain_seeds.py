@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from _bench import BENCH, benchmark_module
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def compare():
-    sys.path.insert(0, str(BENCH))  # the script imports its sibling _env
-    try:
-        spec = importlib.util.spec_from_file_location("pretrain_compare_under_test", BENCH / "pretrain_compare.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("pretrain_compare") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def _row(compare, **values):

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from _bench import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def scaling():
-    sys.path.insert(0, str(BENCH))  # the scripts import their siblings (_env, bench_s2ft)
-    try:
-        spec = importlib.util.spec_from_file_location("scaling_under_test", BENCH / "scaling.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("scaling") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def test_toy_run_writes_both_sweeps(scaling, tmp_path):
