@@ -114,6 +114,39 @@ class ArchTimeout(BaseException):
     """The per-architecture time ran out (a BaseException so that no ``except Exception`` in model code eats it)."""
 
 
+class _CpuLimit:
+    """Raises ``ArchTimeout`` in the main thread once this process has used ``seconds`` of CPU, then again every
+    50 ms of CPU until one lands: an exception raised by a signal handler while the interpreter runs a gc or
+    weakref callback (hypothesis installs gc callbacks) is printed as "unraisable" and dropped, so a one-shot
+    timer can be lost and the architecture would run on unlimited."""
+
+    REFIRE = 0.05
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.active = bool(seconds) and hasattr(signal, "SIGPROF")
+        self.fired = self.landed = False
+        self._previous = None
+
+    def _on_alarm(self, signum, frame):
+        self.fired = True
+        if not self.landed:
+            raise ArchTimeout()
+
+    def __enter__(self):
+        if self.active:
+            self._previous = signal.signal(signal.SIGPROF, self._on_alarm)
+            signal.setitimer(signal.ITIMER_PROF, self.seconds, self.REFIRE)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.landed = True  # first: a signal still pending after this line is a no-op
+        if self.active:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            signal.signal(signal.SIGPROF, self._previous)
+        return False
+
+
 class Stop(Exception):
     """A stage failed: ``stage`` and a one-line ``reason``."""
 
@@ -560,99 +593,100 @@ def run_arch(arch: str, timeout: float = TIMEOUT, progress=None, seed: int = 0) 
         if progress is not None:
             progress(name)
 
-    def on_alarm(signum, frame):
-        raise ArchTimeout()
-
-    # CPU time of this process, not wall time: a loaded machine must not turn slow into "timed out"
-    use_alarm = timeout and hasattr(signal, "SIGPROF")
-    if use_alarm:
-        previous = signal.signal(signal.SIGPROF, on_alarm)
-        signal.setitimer(signal.ITIMER_PROF, timeout)
-    first_failure: Stop | None = None
-    try:
-        _reset(seed)
-        enter("build")
-        try:
-            model, config, implementation = build(arch, seed)
-        except Exception as exc:
-            raise Stop("build", one_line(exc), "cannot-build") from None
-        try:
-            ids = random_ids(config)
-            before = logits_of(model, ids)
-            attentions = attention_modules(model, config)
-        except Exception as exc:
-            raise Stop("build", "forward on token ids: " + one_line(exc), "cannot-build") from None
-        if not torch.isfinite(before).all():
-            raise Stop("build", "the tiny model's logits are not finite", "cannot-build")
-        if not attentions:
-            raise Stop("build", "no softmax attention runs in the forward", "out-of-scope")
-        notes.append(f"{implementation}")
-        original_state = _state(model)
-
-        enter("capture")
-        try:
-            captured = capture(model)
-        except Exception as exc:
-            raise Stop("capture", one_line(exc.__cause__ or exc)) from None
-        fallback = getattr(captured, "fallback", "")
-        if fallback:
-            notes.append(f"capture fallback: {fallback}")
-
-        enter("inspect")  # what fxsparse.inspect(model) does, on the graph just captured
-        structure = None
-        try:
-            structure = find_structure(captured=captured).outputs["structure"]
-        except Exception as exc:
-            first_failure = Stop("inspect", one_line(exc))
-        if structure is not None:
-            problems = check_structure(structure, expected(config, attentions))
-            dense = len(structure.unrecognized)
-            if dense:
-                notes.append(f"{dense} linear(s) left dense")
-            if problems:
-                first_failure = Stop("inspect", "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
-
-        enter("s2ft")
-        roles = sorted({role for block in (structure.blocks if structure is not None else ())
-                        for role in block.projections()})
-        if not roles:
-            raise first_failure or Stop("s2ft", "inspect found no attention or FFN projection to select")
-        try:
-            fxsparse.transform(model, "s2ft", ratios={r: RATIOS[r] for r in roles if r in RATIOS}, layers=None,
-                               verify=False, seed=seed)
-        except Exception as exc:
-            raise first_failure or Stop("s2ft", "transform: " + one_line(exc)) from None
-        error = relative_error(logits_of(model, ids), before)
-        if error > EXACT:
-            raise Stop("s2ft", f"S²FT changed the logits: relative error {error:.1e}", "inexact")
-
-        enter("merge")
-        try:
-            fxsparse.merge(model)
-        except Exception as exc:
-            raise first_failure or Stop("merge", "merge: " + one_line(exc)) from None
-        merged = _state(model)
-        if set(merged) != set(original_state):
-            missing = sorted(set(original_state) ^ set(merged))[:2]
-            raise Stop("merge", f"merged state dict keys differ from the original ({missing})", "inexact")
-        worst = max((relative_error(merged[k].double(), v.double()) for k, v in original_state.items()
-                     if v.is_floating_point() and v.numel() and v.norm() > 0), default=0.0)
-        error = relative_error(logits_of(model, ids), before)
-        if error > EXACT or worst > EXACT:
-            raise Stop("merge", f"merge changed the model: logits {error:.1e}, weights {worst:.1e}", "inexact")
-        if first_failure is not None:
-            raise first_failure
-    except Stop as stop:
-        row.update(status=stop.status, stage=stop.stage, reason=stop.reason)
-    except ArchTimeout:
+    def timed_out():
         row.update(status="fail" if stage != "build" else "cannot-build", stage=stage,
                    reason=f"timed out after {timeout:.0f} s of CPU in {stage}")
-    except Exception as exc:  # a harness error: still one line, named as such
-        row.update(status="fail", stage=stage, reason=f"harness error in {stage}: {one_line(exc)}")
-    finally:
-        if use_alarm:
-            signal.setitimer(signal.ITIMER_PROF, 0)
-            signal.signal(signal.SIGPROF, previous)
+
+    def run_stages():
+        first_failure: Stop | None = None
+        try:
+            _reset(seed)
+            enter("build")
+            try:
+                model, config, implementation = build(arch, seed)
+            except Exception as exc:
+                raise Stop("build", one_line(exc), "cannot-build") from None
+            try:
+                ids = random_ids(config)
+                before = logits_of(model, ids)
+                attentions = attention_modules(model, config)
+            except Exception as exc:
+                raise Stop("build", "forward on token ids: " + one_line(exc), "cannot-build") from None
+            if not torch.isfinite(before).all():
+                raise Stop("build", "the tiny model's logits are not finite", "cannot-build")
+            if not attentions:
+                raise Stop("build", "no softmax attention runs in the forward", "out-of-scope")
+            notes.append(f"{implementation}")
+            original_state = _state(model)
+
+            enter("capture")
+            try:
+                captured = capture(model)
+            except Exception as exc:
+                raise Stop("capture", one_line(exc.__cause__ or exc)) from None
+            fallback = getattr(captured, "fallback", "")
+            if fallback:
+                notes.append(f"capture fallback: {fallback}")
+
+            enter("inspect")  # what fxsparse.inspect(model) does, on the graph just captured
+            structure = None
+            try:
+                structure = find_structure(captured=captured).outputs["structure"]
+            except Exception as exc:
+                first_failure = Stop("inspect", one_line(exc))
+            if structure is not None:
+                problems = check_structure(structure, expected(config, attentions))
+                dense = len(structure.unrecognized)
+                if dense:
+                    notes.append(f"{dense} linear(s) left dense")
+                if problems:
+                    first_failure = Stop("inspect", "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
+
+            enter("s2ft")
+            roles = sorted({role for block in (structure.blocks if structure is not None else ())
+                            for role in block.projections()})
+            if not roles:
+                raise first_failure or Stop("s2ft", "inspect found no attention or FFN projection to select")
+            try:
+                fxsparse.transform(model, "s2ft", ratios={r: RATIOS[r] for r in roles if r in RATIOS}, layers=None,
+                                   verify=False, seed=seed)
+            except Exception as exc:
+                raise first_failure or Stop("s2ft", "transform: " + one_line(exc)) from None
+            error = relative_error(logits_of(model, ids), before)
+            if error > EXACT:
+                raise Stop("s2ft", f"S²FT changed the logits: relative error {error:.1e}", "inexact")
+
+            enter("merge")
+            try:
+                fxsparse.merge(model)
+            except Exception as exc:
+                raise first_failure or Stop("merge", "merge: " + one_line(exc)) from None
+            merged = _state(model)
+            if set(merged) != set(original_state):
+                missing = sorted(set(original_state) ^ set(merged))[:2]
+                raise Stop("merge", f"merged state dict keys differ from the original ({missing})", "inexact")
+            worst = max((relative_error(merged[k].double(), v.double()) for k, v in original_state.items()
+                         if v.is_floating_point() and v.numel() and v.norm() > 0), default=0.0)
+            error = relative_error(logits_of(model, ids), before)
+            if error > EXACT or worst > EXACT:
+                raise Stop("merge", f"merge changed the model: logits {error:.1e}, weights {worst:.1e}", "inexact")
+            if first_failure is not None:
+                raise first_failure
+        except Stop as stop:
+            row.update(status=stop.status, stage=stop.stage, reason=stop.reason)
+        except ArchTimeout:
+            limit.landed = True
+            timed_out()
+        except Exception as exc:  # a harness error: still one line, named as such
+            row.update(status="fail", stage=stage, reason=f"harness error in {stage}: {one_line(exc)}")
+
+    # CPU time of this process, not wall time: a loaded machine must not turn slow into "timed out"
+    limit = _CpuLimit(timeout)
+    try:
+        with limit:
+            run_stages()
+    except ArchTimeout:  # landed while a handler of run_stages ran, before the limit was disarmed
+        timed_out()
     row["notes"] = "; ".join(notes)
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row

@@ -190,6 +190,31 @@ def test_per_architecture_time_limit():
     assert row["status"] == "pass", row["reason"]
 
 
+def _burn_cpu_until(limit) -> None:
+    while not limit.fired:
+        sum(i * i for i in range(1000))
+
+
+def test_time_limit_survives_a_swallowed_signal():
+    """The CI failure of stop 16: the timer fired inside a gc callback, whose exception the interpreter drops.
+    The limit fires again until one lands, and nothing stays armed after it."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGPROF)
+    swallowed = 0
+    with pytest.raises(zoo.ArchTimeout):
+        with zoo._CpuLimit(0.05) as limit:
+            try:
+                _burn_cpu_until(limit)
+            except zoo.ArchTimeout:
+                swallowed += 1  # what the interpreter does to an exception raised in a gc callback
+            while True:  # a one-shot timer would leave this loop running forever
+                sum(i * i for i in range(1000))
+    assert swallowed == 1
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGPROF) is previous
+
+
 @pytest.mark.slow
 def test_worker_processes():
     rows = zoo.run_zoo(["gpt2", "mamba"], jobs=2, timeout=60, log=lambda line: None)
