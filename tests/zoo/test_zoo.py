@@ -97,8 +97,26 @@ def test_table_covers_the_mapping_and_counts_add_up():
     assert counts["in scope"] == counts["pass"] + counts["fail"] + counts["inexact"]
     assert counts["architectures"] == counts["in scope"] + counts["out-of-scope"] + counts["cannot-build"]
     assert zoo.summary_line(counts) in zoo.MD_PATH.read_text()
+    import re
+
+    import transformers
+
+    written_with = re.search(r"^transformers (\S+),", zoo.MD_PATH.read_text().splitlines()[2])
+    if written_with is None or written_with.group(1) != transformers.__version__:
+        pytest.skip(f"the table was written with transformers {written_with and written_with.group(1)}, this is "
+                    f"{transformers.__version__} (make setup pins the one in constraints.txt)")
     missing = set(zoo.all_archs()) - set(RECORDED)
     assert not missing, f"not in the table (rerun python benchmarks/zoo.py): {sorted(missing)}"
+
+
+def test_table_is_for_the_pinned_transformers():
+    """make setup installs the transformers of constraints.txt: the committed table must be written with it."""
+    import re
+
+    pins = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    header = zoo.MD_PATH.read_text().splitlines()[2]
+    assert re.match(rf"transformers {re.escape(pins['transformers'])},", header), (header, pins["transformers"])
 
 
 # ---------------------------------------------------------------- the harness's arithmetic
