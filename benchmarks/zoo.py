@@ -80,10 +80,10 @@ _NAMES = {
     HIDDEN: ("hidden_size", "n_embd", "d_model", "embed_dim", "dim", "model_dim", "n_embed", "hidden_dim",
              "word_embed_proj_dim", "embedding_size", "emb_dim"),
     HEADS: ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
-            "encoder_attention_heads", "num_attention_heads_per_layer"),
-    KV_HEADS: ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num_kv_groups"),
+            "encoder_attention_heads", "num_attention_heads_per_layer", "swa_num_attention_heads"),
+    KV_HEADS: ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num_kv_groups", "swa_num_key_value_heads"),
     HEAD_DIM: ("head_dim", "attention_head_dim", "kv_channels", "d_head", "dim_head", "head_size", "qk_nope_head_dim",
-               "qk_rope_head_dim", "v_head_dim", "global_head_dim", "kv_head_dim"),
+               "qk_rope_head_dim", "v_head_dim", "global_head_dim", "kv_head_dim", "swa_head_dim"),
     FFN: ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size", "decoder_ffn_dim",
           "encoder_ffn_dim", "inner_hidden_size", "dff", "dim_ff", "dense_intermediate_size", "mlp_hidden_size",
           "d_inner"),
@@ -107,6 +107,9 @@ _SPECIAL = {"gpt_neo": {"attention_types": [[["global", "local"], 1]]},
             "zaya": {"num_experts_per_tok": 1},
             "lfm2_moe": {"layer_types": ["conv", "full_attention"]},  # its default leaves layer_types None
             "mimo_v2_flash": {"num_key_value_heads": 3}}  # sliding layers have twice the KV heads: 6 must divide
+# What a model builds that its config does not say: MiMo-V2-Flash's sliding-window layers have twice the config's KV
+# heads (``num_key_value_heads * 2 if is_swa`` in its modeling code).
+_EXPECT_ALSO = {"mimo_v2_flash": {"kv_heads": {2 * 3}}}
 _WINDOWS = ("sliding_window", "window_size", "attention_window", "local_attention", "attention_chunk_size")
 
 
@@ -258,6 +261,9 @@ def _tiny_overrides(base, full_subconfigs: bool = False) -> dict:
             for attr, value in vars(base).items():
                 if isinstance(value, (list, tuple)) and len(value) == original and attr not in kwargs:
                     kwargs[attr] = [value[i] for i in keep]
+                    size = next((size for size, names in _NAMES.items() if attr in names), None)
+                    if size is not None and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                        kwargs[attr] = [size] * len(keep)  # a per-layer size (heads per layer): the generic one
                 elif (isinstance(value, dict) and value and attr not in kwargs
                       and all(isinstance(k, int) and 0 <= k < original for k in value)):
                     kwargs[attr] = {new: value[old] for new, old in enumerate(keep) if old in value}
@@ -511,8 +517,18 @@ def expected(config, attentions: dict[str, str]) -> dict:
     if hidden:
         widths.add(4 * hidden)
     layers = _first(text, _LAYER_NAMES)
-    return {"heads": heads, "kv_heads": kv, "head_dims": head_dims, "widths": widths, "layers": layers,
-            "attentions": attentions, "moe": _is_moe(text)}
+    also: dict[str, set] = {"heads": set(), "kv_heads": set()}
+    if getattr(text, "is_heterogeneous", False):  # per-layer configs (Gemma 4's full-attention layers: head size 512)
+        for layer in text.per_layer_config:
+            also["heads"].add(_first(layer, _NAMES[HEADS][:1]))
+            also["kv_heads"].add(_first(layer, _NAMES[KV_HEADS][:1]))
+            head_dims.add(_first(layer, ("head_dim",)))
+    for key, values in _EXPECT_ALSO.get(getattr(config, "model_type", ""), {}).items():
+        also[key].update(values)
+    return {"heads": heads, "kv_heads": kv, "head_dims": {d for d in head_dims if isinstance(d, int)},
+            "widths": widths, "layers": layers, "attentions": attentions, "moe": _is_moe(text),
+            "heads_also": {h for h in also["heads"] if isinstance(h, int)},
+            "kv_heads_also": {h for h in also["kv_heads"] if isinstance(h, int)}}
 
 
 def check_structure(structure, want: dict) -> list[str]:
@@ -531,9 +547,9 @@ def check_structure(structure, want: dict) -> list[str]:
                         + (f", not {'; '.join(missed)}" if missed else "") + (f" ({why})" if why else ""))
     for block in attentions:
         a = block.attention
-        if want["heads"] is not None and a.num_heads != want["heads"]:
+        if want["heads"] is not None and a.num_heads not in {want["heads"], *want.get("heads_also", ())}:
             problems.append(f"block {block.index}: {a.num_heads} heads, config {want['heads']}")
-        if want["kv_heads"] is not None and a.num_kv_heads != want["kv_heads"]:
+        if want["kv_heads"] is not None and a.num_kv_heads not in {want["kv_heads"], *want.get("kv_heads_also", ())}:
             problems.append(f"block {block.index}: {a.num_kv_heads} KV heads, config {want['kv_heads']}")
         if want["head_dims"] and a.head_dim not in want["head_dims"]:
             problems.append(f"block {block.index}: head size {a.head_dim}, config {sorted(want['head_dims'])}")

@@ -66,6 +66,11 @@ class Attention:
     # Rows (q, k, v) / columns (o) per head where they differ from head_dim (multi-head latent attention: q and k
     # heads hold a rotary part k takes from a projection shared by every head, v and o heads another size).
     role_dims: tuple[tuple[str, int], ...] = ()
+    # Why the heads of this attention must stay where they are ("" when they can be permuted): something acts per
+    # head outside the projections (attention sinks, ALiBi-style slopes, a per-head gain or gate, a norm over
+    # several heads) or heads could not be followed through an op. S²FT still selects and trains its heads, read
+    # in place (a gathered block instead of a contiguous one), so the function never changes.
+    fixed_order: str = ""
 
     def unit_size(self, role: str) -> int:
         """Rows (q, k, v) or columns (o) of one head of ``role``."""
@@ -87,6 +92,10 @@ class FFN:
     down: Projection
     channels: int
     activation: str = ""
+    # Why the channels must stay where they are ("" when they can be permuted): a norm over every channel between
+    # the product and down (BitNet's ffn_sub_norm), a per-channel scale on the way (nGPT-style models). S²FT still
+    # trains selected channels, in place.
+    fixed_order: str = ""
 
     def projections(self) -> dict[str, Projection]:
         roles = {"up": self.up, "down": self.down}
@@ -158,6 +167,8 @@ class Structure:
                     entry["attention"]["norms"] = {role: p.path for role, p in a.norms}
                 if a.role_dims:
                     entry["attention"]["role_dims"] = dict(a.role_dims)
+                if a.fixed_order:
+                    entry["attention"]["fixed_order"] = a.fixed_order
             if block.ffn is not None:
                 entry["ffn"] = self._ffn_dict(block.ffn)
             blocks.append(entry)
@@ -165,8 +176,11 @@ class Structure:
 
     @staticmethod
     def _ffn_dict(f: FFN) -> dict:
-        return {"up": f.up.path, "gate": f.gate.path if f.gate else None, "down": f.down.path,
-                "channels": f.channels, "activation": f.activation, "fused_gate_up": f.up.fused}
+        entry = {"up": f.up.path, "gate": f.gate.path if f.gate else None, "down": f.down.path,
+                 "channels": f.channels, "activation": f.activation, "fused_gate_up": f.up.fused}
+        if f.fixed_order:
+            entry["fixed_order"] = f.fixed_order
+        return entry
 
     def target_paths(self) -> list[str]:
         """Module paths of every attention/FFN projection found (deduplicated, graph order)."""

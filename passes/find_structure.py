@@ -15,22 +15,30 @@ the feature index it came from) to the (batch, seq, heads, head_dim) view closes
 which says exactly which output rows of the weight form each head, also inside fused QKV or gate_up
 projections (and Falcon-style q|k|v head layouts).
 
-Heads are only recognised where permuting them is exact. Between each of q, k, v and the attention, a
-*head-index tensor* (the head each element belongs to) is pushed through every op; an operand that is
-not itself derived from the projection and differs from head to head (a per-head gain on Q, a
-concatenated per-head sink, a bias added outside the linear, a q/k norm weight per head) would not move
-with a head permutation, and a reduction over part of the heads ties them together, so that attention is
-left unrecognised, with the reason in ``Structure.reasons``. So is an attention whose mask or scores get
-per-head slices (ALiBi-style slopes, attention sinks), and one whose query head ``h`` does not attend
-with KV head ``h // groups`` (KV heads tiled, not interleaved). Two couplings move with the heads
-instead: a norm over the *whole* q or k projection (OLMo-2: its RMS is the same in any head order; its
-weight's rows follow the heads, ``Attention.norms``) and an output gate ``out * sigmoid(g(x))`` before o
+Heads are only permuted where that is exact. Between each of q, k, v and the attention, a *head-index
+tensor* (the head each element belongs to) is pushed through every op; an operand that is not itself
+derived from the projection and differs from head to head (a per-head gain on Q, a concatenated per-head
+sink, a bias added outside the linear, a q/k norm weight per head) would not move with a head
+permutation, and a reduction over part of the heads ties them together, so the heads of that attention
+stay where they are: it is recognised with ``Attention.fixed_order`` saying why, and S²FT trains its
+selected heads in place (a gathered block). So are the heads of an attention whose mask or scores get
+per-head slices (ALiBi-style slopes, attention sinks), of one whose query head ``h`` does not attend
+with KV head ``h // groups`` (KV heads tiled, not interleaved), of one whose output meets anything but an
+output gate on its way to o (a norm over all heads), and of one whose heads cannot be followed through
+some op (complex rotary embeddings). Two couplings move with the heads instead: a norm over the
+*whole* q or k projection (OLMo-2: its RMS is the same in any head order; its weight's rows follow the
+heads, ``Attention.norms``) and an output gate ``out * sigmoid(g(x))`` before o
 (Qwen3-Next, AFMoE: g's rows of each head follow it, ``Attention.gates``).
+
+FFN channels stay in place the same way (``FFN.fixed_order``) when a norm over every channel lies between
+``act(gate) * up`` and down (BitNet's sub-norm: its weight would have to move) or a parameter scales each
+channel on the way (nGPT-style models).
 
 Several FFNs between two attentions that read the same hidden state (mixture-of-experts experts with
 their own ``nn.Linear`` projections, shared experts) are blocks of their own, ``part_of`` the first.
-A module called more than once in the forward takes part in no structure (its units would move for
-every call).
+A structure the forward runs several times (a looped decoder calling its blocks again) is one structure:
+its units move inside modules that are only ever called together, which is exact for every call. A module
+called more than once otherwise (shared with something else) takes part in no structure.
 
 Only the linears that feed an attention input are followed with provenance tensors, so their cost is
 that of the projections' outputs on the (small) captured example, never of the LM head's.
@@ -45,6 +53,7 @@ that of the projections' outputs on the (small) captured example, never of the L
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections import deque
@@ -672,7 +681,8 @@ def _score_matmul(softmax: fx.Node, limit: int = 32) -> fx.Node | None:
         if not isinstance(node, fx.Node) or node in seen or node.op != "call_function":
             continue
         seen.add(node)
-        if node.target in _MATMUL and _rows(_shape(node)) is not None and _rows(_shape(node)) == _rows(scores):
+        if (node.target in _MATMUL or node.target == aten.baddbmm.default) and _rows(_shape(node)) is not None and (
+                _rows(_shape(node)) == _rows(scores)):
             return node  # (batch, heads, seq, keys); the softmax may see more keys (sinks concatenated)
         queue.extend(node.all_input_nodes)
     return None
@@ -704,9 +714,9 @@ def _written_out_site(softmax: fx.Node, names: dict[str, str]) -> _Site | str | 
         return None
     qk = _score_matmul(softmax)
     if qk is None:
-        return ("the attention scores come from no matmul(q, k^T) over (batch, heads, seq, head_dim) (e.g. a "
-                "baddbmm over flattened heads)")
-    query, key_t = qk.args[:2]
+        return "the attention scores come from no matmul(q, k^T) or baddbmm over (batch, heads, seq, head_dim)"
+    # baddbmm(bias, q, k^T): Bloom's ALiBi added to the scores in the same op
+    query, key_t = qk.args[1:3] if qk.target == aten.baddbmm.default else qk.args[:2]
     if not (isinstance(query, fx.Node) and isinstance(key_t, fx.Node) and _last_two_swapped(key_t)):
         return "the key enters the attention scores as no transpose of (batch, heads, seq, head_dim)"
     key = key_t.args[0]
@@ -731,7 +741,13 @@ def _written_out_site(softmax: fx.Node, names: dict[str, str]) -> _Site | str | 
         return "the attention scores reach the softmax through too many ops"
     on_path = set(path) | {qk}
     blocker = None
-    for node in path[:-1]:
+    if qk.target == aten.baddbmm.default and isinstance(qk.args[0], fx.Node):
+        shape = _shape(qk)
+        heads = torch.arange(math.prod(shape[:-2])).view(*shape[:-2], 1, 1).expand(shape)
+        if _per_head_operand(qk.args[0], heads):
+            blocker = (f"the attention scores get {_describe(qk.args[0], names)}, one slice per head (ALiBi-style "
+                       "slopes or a per-head bias): permuting heads would change the function")
+    for node in path[:-1] if blocker is None else ():
         others = [a for a in node.all_input_nodes if a not in on_path]
         shape = _shape(node) or scores
         heads = torch.arange(math.prod(shape[:-2])).view(*shape[:-2], 1, 1).expand(shape)
@@ -831,7 +847,10 @@ def _output_projection(sdpa: fx.Node, linears, heads: int, head_dim: int):
     """The linear fed by the attention output, with the input column of each (head, dim) pair, and the output
     gates on the way (``out * sigmoid(gate_proj(x))``: each a linear and its row for each (head, dim) pair).
 
-    Returns ``(o, columns, gates)``, a string (why the output reaches o only through something else), or None.
+    Returns ``(o, columns, gates, why)``, or None when no linear takes the output. ``why`` is "" when every
+    operand met on the way is an output gate; else it says what acts on the output that is not one (a norm over
+    several heads, a gate with a per-head bias), the heads must stay in place, and ``gates`` lists the linears
+    that operand is computed from, each with rows None.
     """
     shape = _shape(sdpa)
     if shape is None or len(shape) not in (3, 4) or len(shape) == 3 and shape[0] != heads:
@@ -875,9 +894,11 @@ def _output_projection(sdpa: fx.Node, linears, heads: int, head_dim: int):
                     continue
                 gate = _gate_rows(operand, seen.get(inner), features, head_dim, linears)
                 if isinstance(gate, str):
-                    return f"the attention output is multiplied by {operand.name} on its way to {lin.path}: {gate}"
+                    ungated = [linears[n] for n in _ancestors(operand, linears) if n in linears]
+                    return lin, order.tolist(), [(g, None) for g in ungated], (
+                        f"the attention output is multiplied by {operand.name} on its way to {lin.path}: {gate}")
                 gates.append(gate)
-        return lin, order.tolist(), gates
+        return lin, order.tolist(), gates, ""
     return None
 
 
@@ -932,6 +953,11 @@ def _same_for_every_channel(node: fx.Node, linears, limit: int = 32) -> bool:
     shape = _shape(node)
     if shape is None or math.prod(shape) != 1:
         return False
+    return _parameters_only(node, linears, limit)
+
+
+def _parameters_only(node: fx.Node, linears, limit: int = 32) -> bool:
+    """``node`` is computed from 1-D parameters, buffers and numbers only (no activation, no token ids)."""
     queue, seen = deque([node]), {node}
     while queue:
         current = queue.popleft()
@@ -946,9 +972,12 @@ def _same_for_every_channel(node: fx.Node, linears, limit: int = 32) -> bool:
     return True
 
 
-def _pointwise_sources(start: fx.Node, linears, width: int) -> set[fx.Node] | None:
+def _pointwise_sources(start: fx.Node, linears, width: int, fixed: list[str] | None = None) -> set[fx.Node] | None:
     """Linear nodes that feed ``start`` through pointwise ops and reshapes only, or None if anything
-    else (a reduction, a norm, another activation tensor) takes part: then this is no FFN."""
+    else (a reduction, a norm, another activation tensor) takes part: then this is no FFN.
+
+    A parameter per channel on the way would not move with a channel permutation: with ``fixed`` (a list)
+    that is noted there (the channels then stay in place) instead of refused."""
     found, seen, queue = set(), {start}, deque([start])
     while queue:
         node = queue.popleft()
@@ -969,10 +998,18 @@ def _pointwise_sources(start: fx.Node, linears, width: int) -> set[fx.Node] | No
             arg_shape = _shape(arg)
             if arg.op in ("placeholder", "get_attr") and arg not in linears:
                 if arg_shape and arg_shape[-1] > 1 and not passthrough:
-                    return None  # a parameter per channel would not move with a channel permutation
+                    if fixed is None or arg_shape[-1] != width:
+                        return None  # a parameter per channel would not move with a channel permutation
+                    fixed.append(f"{arg.name} {list(arg_shape)} scales each channel on the way to the product: "
+                                 "permuting channels would change the function")
                 continue
             if not passthrough and _same_for_every_channel(arg, linears):
                 continue  # e.g. softplus(alpha) of a learned activation (xIELU)
+            if (not passthrough and fixed is not None and arg_shape and arg_shape[-1] == width and len(arg_shape) == 1
+                    and _parameters_only(arg, linears)):
+                fixed.append(f"{arg.name} {list(arg_shape)} (computed from parameters) scales each channel on the "
+                             "way to the product: permuting channels would change the function")
+                continue
             if not passthrough and arg not in linears and arg_shape != shape:
                 return None  # e.g. rsqrt(mean(x)) of a norm: not pointwise in the channels
             seen.add(arg)
@@ -1020,6 +1057,10 @@ def _activation_between(operand: fx.Node, lin_node: fx.Node) -> str | None:
             names.append(_ACTIVATIONS[node.target])
             if node.target == aten.gelu.default and node.kwargs.get("approximate") == "tanh":
                 names[-1] = "gelu_tanh"
+        elif node.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(node.args[0], fx.Node) and (
+                not isinstance(node.args[1], fx.Node) or _parameters_only(node.args[1], {})):
+            node = node.args[0]  # a scale by parameters (nGPT's per-channel suv): not an activation
+            continue
         elif node.target not in _RESHAPES and node.target not in _IDENTITIES:
             names.append("custom")
         parents = [a for a in node.all_input_nodes if _shape(a) and _shape(a)[-1] == (_shape(node) or (0,))[-1]]
@@ -1032,18 +1073,77 @@ def _activation_between(operand: fx.Node, lin_node: fx.Node) -> str | None:
     return named[-1] if named else "custom"
 
 
-def _find_ffn(down: _Linear, linears) -> FFN | None:
+_SQUARES = {aten.pow.Tensor_Scalar, aten.square.default, aten.abs.default}
+
+
+def _normed_input(start: fx.Node, names: dict[str, str]) -> tuple[fx.Node, str] | None:
+    """``(x, why)`` when ``start`` is a norm over the last dim of ``x`` (``rms_norm``/``layer_norm``, or written
+    out: ``x * rsqrt(mean(x^2) + eps) [* w]``, ``x / ||x||``), else None. Such a norm over every FFN channel gives
+    the same RMS in any channel order, but its weight (one per channel) would have to move with them."""
+    node = _strip(start)
+    if node.op == "call_function" and node.target in _NORMS and len(node.args[1]) == 1:
+        return node.args[0], f"{_op_name(node)} over every channel lies between the FFN product and its down projection"
+    reductions, seen, queue = [], {node}, deque([node])
+    while queue and len(seen) < 48:
+        current = queue.popleft()
+        if current.op != "call_function":
+            continue
+        if current.target in _REDUCTIONS or current.target == aten.linalg_vector_norm.default:
+            reductions.append(current)
+            continue
+        if not (_pointwise(current.target) or current.target in _IDENTITIES or current.target in _RESHAPES):
+            continue  # a linear (or any other op) ends the walk back
+        for parent in current.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                queue.append(parent)
+    if len(reductions) != 1:
+        return None
+    reduction = reductions[0]
+    dims = reduction.args[1] if len(reduction.args) > 1 else reduction.kwargs.get("dim")
+    rank = len(_shape(reduction.args[0]) or ())
+    if [d % rank for d in ([dims] if isinstance(dims, int) else dims or [])] != [rank - 1]:
+        return None
+    x = reduction.args[0]  # mean(x^2): walk back to x
+    while isinstance(x, fx.Node) and x.op == "call_function" and (
+            x.target in _SQUARES or x.target in _IDENTITIES or x.target == aten.mul.Tensor and x.args[0] is x.args[1]):
+        x = x.args[0]
+    if not isinstance(x, fx.Node) or x not in seen or _shape(x) != _shape(node):
+        return None
+    path = _between(x, node)
+    if path is None:
+        return None
+    inside = set(path) | {x}
+    for step in path:  # what the norm brings in besides x: its weight, eps, numbers
+        for operand in step.all_input_nodes:
+            if operand not in inside and operand.op == "call_function" and not _same_for_every_channel(operand, {}):
+                return None
+    return x, f"a norm over every channel ({_op_name(reduction)}) lies between the FFN product and its down projection"
+
+
+def _find_ffn(down: _Linear, linears, names: dict[str, str] | None = None) -> FFN | None:
+    """The FFN whose down projection is ``down``, or None. Channels that cannot be permuted exactly (a norm over
+    every channel before down, a per-channel scale on the way) give an FFN with ``fixed_order`` set."""
     channels = down.in_features
-    feeders = _pointwise_sources(down.input, linears, channels)
+    fixed: list[str] = []
+    source = down.input
+    feeders = _pointwise_sources(source, linears, channels, fixed)
+    if feeders is None:
+        normed = _normed_input(source, names or {})
+        if normed is None:
+            return None
+        source = normed[0]
+        fixed.insert(0, normed[1] + ": permuting channels would move its weight")
+        feeders = _pointwise_sources(source, linears, channels, fixed)
     if not feeders or len(feeders) > 2:
         return None
     down_proj = Projection(down.path, None, down.conv1d)
-    product = _strip(down.input)
+    product = _strip(source)
     if product.op == "call_function" and product.target == aten.mul.Tensor and all(
             isinstance(a, fx.Node) and _shape(a) == _shape(product) for a in product.args[:2]):
         branches = []
         for operand in product.args[:2]:
-            sources = _pointwise_sources(operand, linears, channels)
+            sources = _pointwise_sources(operand, linears, channels, fixed)
             if sources is None or len(sources) != 1:
                 return None
             lin = linears[next(iter(sources))]
@@ -1058,14 +1158,15 @@ def _find_ffn(down: _Linear, linears) -> FFN | None:
             (g, g_rows, act), (u, u_rows, _) = branches if act_a is not None else branches[::-1]
             gate = Projection(g.path, _index_or_none(g_rows, g.out_features), g.conv1d)
             up = Projection(u.path, _index_or_none(u_rows, u.out_features), u.conv1d)
-            return FFN(up=up, gate=gate, down=down_proj, channels=channels, activation=act)
-    if len(feeders) == 1:
-        lin = linears[next(iter(feeders))]
-        act = _activation_between(down.input, lin.node)
+            return FFN(up=up, gate=gate, down=down_proj, channels=channels, activation=act,
+                       fixed_order=fixed[0] if fixed else "")
+    if len(feeders) == 1 and source is down.input:  # after a norm only act(gate) * up: a residual -> norm -> linear
+        lin = linears[next(iter(feeders))]  # (any pre-norm block) would look like act(up) -> norm -> down
+        act = _activation_between(source, lin.node)
         if act is None or lin.out_features != channels:
             return None
         return FFN(up=Projection(lin.path, None, lin.conv1d), gate=None, down=down_proj, channels=channels,
-                   activation=act)
+                   activation=act, fixed_order=fixed[0] if fixed else "")
     return None
 
 
@@ -1123,18 +1224,17 @@ def discover(captured: Captured) -> Structure:
                 f"{k_dim}, {v_heads} value heads of {v_dim}: not one GQA grouping")))
             continue
         out = _output_projection(site.out, linears, heads, v_dim)
-        if not isinstance(out, tuple):
-            reasons.update(dict.fromkeys(paths, out or f"no linear takes the output of attention {site.node.name} "
-                                                       "through reshapes and elementwise ops"))
+        if out is None:
+            reasons.update(dict.fromkeys(paths, f"no linear takes the output of attention {site.node.name} "
+                                                "through reshapes and elementwise ops"))
             continue
-        o_lin, o_cols, gate_rows = out
-        if any(g is not q_lin and g.node in claimed for g, _ in gate_rows):
-            reasons.update(dict.fromkeys(paths, "an output gate of this attention is part of another structure"))
-            continue
+        o_lin, o_cols, gate_rows, blocker = out
+        if any(g is not q_lin and g.node in claimed for g, rows in gate_rows if rows is not None):
+            blocker = "an output gate of this attention is part of another structure"
         paths.append(o_lin.path)
         slot_heads: dict[fx.Node, list[int]] = {}
         norm_paths: dict[str, list[str]] = {"q": [], "k": [], "v": []}
-        blocker = site.blocker or next(
+        blocker = blocker or site.blocker or next(
             (why for role, arg in zip("qkv", (site.q, site.k, site.v))
              if (why := _head_blocker(roles[role][0], roles[role][2], roles[role][1], arg, linears, names, slot_heads,
                                       norm_paths[role])) is not None), None)
@@ -1143,11 +1243,14 @@ def discover(captured: Captured) -> Structure:
         if not blocker and len({path for _, path in norm_roles}) != len(norm_roles) or any(
                 path in used_norms for _, path in norm_roles):
             blocker = "a norm weight is shared by several projections or attentions: its rows cannot follow all"
+        if blocker:  # the heads stay in place: nothing else has to move with them
+            reasons.update({g.path: f"an output gate of an attention whose heads stay in place ({blocker}): "
+                                    "not trained" for g, _ in gate_rows if g not in (q_lin, k_lin, v_lin, o_lin)})
+            gate_rows, norm_roles = [], []
         used_norms.update(path for _, path in norm_roles)
-        if blocker is not None:
-            reasons.update(dict.fromkeys(paths, blocker))
-            continue
         slots = list(slot_heads.get(site.q, range(heads)))
+        if sorted(slots) != list(range(heads)):
+            slots = list(range(heads))  # (fixed order) o's columns counted by the attention output's head slots
         gates = tuple(Projection(g.path, tuple(_by_head(rows, slots, len(rows) // heads)), g.conv1d)
                       for g, rows in gate_rows)  # index always given: its length says the rows per head
         dims = tuple((role, dim) for role, dim in (("k", k_dim), ("v", v_dim), ("o", v_dim)) if dim != head_dim)
@@ -1159,6 +1262,7 @@ def discover(captured: Captured) -> Structure:
                          o_lin.conv1d),
             num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, gates=gates, role_dims=dims,
             norms=tuple((role, Projection(path, tuple(roles[role][2]))) for role, path in norm_roles),
+            fixed_order=blocker or "",
         )
         attentions.append((site.node, attention))
         claimed.update((q_lin.node, k_lin.node, v_lin.node, o_lin.node, *(g.node for g, _ in gate_rows)))
@@ -1166,24 +1270,15 @@ def discover(captured: Captured) -> Structure:
     for node, lin in linears.items():
         if node in claimed:
             continue
-        ffn = _find_ffn(lin, linears)
+        ffn = _find_ffn(lin, linears, names)
         if ffn is not None:
             ffns.append((node, ffn))
     calls: dict[str, int] = {}
     for lin in linears.values():
         calls[lin.path] = calls.get(lin.path, 0) + 1
-    shared = {path for path, count in calls.items() if count > 1}
-    if shared:  # a module called twice: permuting its units for one call would change the other
-        def keep(record) -> bool:
-            used = [p.path for p in record.projections().values() if p.path in shared]
-            for path in used:
-                why = (f"{path} is called {calls[path]} times in the forward (a shared module): permuting its "
-                       "units for one call would change the others")
-                reasons.update(dict.fromkeys((p.path for p in record.projections().values()), why))
-            return not used
-
-        attentions = [(n, a) for n, a in attentions if keep(a)]
-        ffns = [(n, f) for n, f in ffns if keep(f)]
+    if any(count > 1 for count in calls.values()):
+        attentions = _merge_repeats(attentions, calls, reasons)
+        ffns = _merge_repeats(ffns, calls, reasons)
     blocks = _pair_blocks(attentions, ffns, linears)
     if not blocks:
         raise ValueError(
@@ -1201,6 +1296,44 @@ def discover(captured: Captured) -> Structure:
     unrecognized = [p for p in paths if p not in placed]
     return Structure(blocks=blocks, unrecognized=unrecognized, linear_paths=paths,
                      reasons={p: why for p, why in reasons.items() if p in unrecognized})
+
+
+def _record_paths(record) -> list[str]:
+    paths = [p.path for p in record.projections().values()]
+    if isinstance(record, Attention):
+        paths += [g.path for g in record.gates]
+    return list(dict.fromkeys(paths))
+
+
+def _merge_repeats(records: list[tuple[fx.Node, object]], calls: dict[str, int], reasons: dict[str, str]):
+    """One record per structure that the forward runs several times (a looped or recurrent decoder calling
+    the same block again): permuting units inside modules that are only ever called together, as that one
+    structure, is exact for every call. Records that agree on their modules but not on their layout are all
+    dropped; so is any record with a module called elsewhere too (permuting it would change the other call).
+    A repeat whose heads must stay in place keeps them in place for every call."""
+    groups: dict[tuple[str, ...], list[tuple[fx.Node, object]]] = {}
+    for node, record in records:
+        groups.setdefault(tuple(_record_paths(record)), []).append((node, record))
+    kept = []
+    for paths, group in groups.items():
+        first_node, first = group[0]
+        fixed = next((r.fixed_order for _, r in group if getattr(r, "fixed_order", "")), "")
+        layouts = {r if not isinstance(r, Attention) else dataclasses.replace(r, fixed_order="") for _, r in group}
+        elsewhere = [p for p in paths if calls[p] != len(group)]
+        if elsewhere:
+            why = (f"{elsewhere[0]} is called {calls[elsewhere[0]]} times in the forward, {len(group)} of them "
+                   "in this structure (a module shared with something else): permuting its units would change "
+                   "the other calls")
+        elif len(layouts) > 1:
+            why = f"{paths[0]} is called {len(group)} times, and the calls do not agree on its heads or channels"
+        else:
+            if isinstance(first, Attention) and fixed and not first.fixed_order:
+                first = dataclasses.replace(first, gates=(), norms=(), fixed_order=fixed)
+            kept.append((first_node, first))
+            continue
+        reasons.update(dict.fromkeys(paths, why))
+    order = {node: i for i, node in enumerate(records[0][0].graph.nodes)} if records else {}
+    return sorted(kept, key=lambda item: order[item[0]])
 
 
 _PRODUCTS = {aten.matmul.default, aten.bmm.default, aten.mm.default, aten.einsum.default, aten.linear.default,

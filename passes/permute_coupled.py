@@ -17,7 +17,9 @@ leaves the fewest non-contiguous runs.
 Which roles move together is read off the Structure records: an ``Attention`` couples q, k, v rows and
 o columns (query heads for q/o, KV heads for k/v), an ``FFN`` couples gate/up rows and down columns.
 Only the rows/columns that actually move are gathered; a role whose order is the identity is left alone
-and not counted as moved.
+and not counted as moved. The heads of an attention (the channels of an FFN) with ``fixed_order`` (something
+outside the projections acts per head or per channel) never move: the selected ones are trained where they
+are, as a gathered block.
 
 >>> from fxsparse.models import tiny_model
 >>> import fxsparse, torch
@@ -138,7 +140,8 @@ def plan_permutations(structure: Structure, plan: Plan) -> dict[int, BlockPermut
         if not selected:
             continue
         heads = kv = channels = None
-        if block.attention is not None and any(r in selected for r in HEAD_ROLES + KV_ROLES):
+        if block.attention is not None and not block.attention.fixed_order and any(
+                r in selected for r in HEAD_ROLES + KV_ROLES):
             a = block.attention
             query_sets = [set(selected.get(r, [])) for r in ("o", "q")]
             kv_sets = [set(selected.get(r, [])) for r in ("v", "k")]
@@ -150,7 +153,7 @@ def plan_permutations(structure: Structure, plan: Plan) -> dict[int, BlockPermut
             _, kv, heads = best
             groups = a.kv_groups
             assert all(heads[i] // groups == kv[i // groups] for i in range(a.num_heads)), "GQA order broken"
-        if block.ffn is not None and any(r in selected for r in CHANNEL_ROLES):
+        if block.ffn is not None and not block.ffn.fixed_order and any(r in selected for r in CHANNEL_ROLES):
             sets = [set(selected.get(r, [])) for r in ("down", "up", "gate")]
             channels = _channel_order(block.ffn.channels, sets)
         result[block.index] = BlockPermutation(heads=heads, kv_heads=kv, channels=channels)

@@ -102,6 +102,14 @@ def format_structure(structure) -> str:
     experts = sum(1 for block in structure.blocks if block.part_of is not None)
     if experts:
         lines.append(f"{experts} expert FFN(s) listed as N.eK: expert K of block N, selected on its own")
+    fixed = [b for b in structure.blocks if b.attention is not None and b.attention.fixed_order]
+    if fixed:
+        lines.append(f"attention heads kept in place in {len(fixed)} block(s) (S²FT trains them there, gathered):")
+        lines += [f"  block {b.index}: {b.attention.fixed_order}" for b in fixed]
+    fixed = [b for b in structure.blocks if b.ffn is not None and b.ffn.fixed_order]
+    if fixed:
+        lines.append(f"FFN channels kept in place in {len(fixed)} block(s) (S²FT trains them there, gathered):")
+        lines += [f"  block {b.index}: {b.ffn.fixed_order}" for b in fixed]
     lines.append(f"unrecognized linears (left dense): {len(structure.unrecognized) or 'none'}")
     reasons = getattr(structure, "reasons", {}) or {}
     for path in structure.unrecognized:

@@ -248,11 +248,16 @@ def test_a_per_head_gain_stops_that_head_permutation_and_stays_exact():
     x = torch.randn(2, 6, 32)
     before = _logits(model, x)
     structure = fxsparse.inspect(model, x)
-    assert "layers.0.o" in structure.unrecognized and "head_gain" in structure.reasons["layers.0.o"]
+    assert "head_gain" in structure.blocks[0].attention.fixed_order and not structure.blocks[1].attention.fixed_order
+    assert "layers.0.o" not in structure.unrecognized
     fxsparse.transform(model, "s2ft", example_inputs=x, ratios={"o": 0.5, "q": 0.5, "down": 0.2}, seed=0)
     torch.testing.assert_close(_logits(model, x), before, **TOLERANCE[torch.float32])
-    plan = model._fxsparse_s2ft.plan
-    assert plan.count("o") == 2 and all("o" not in roles for b, roles in plan.units.items() if b == 0)
+    state = model._fxsparse_s2ft
+    assert state.plan.count("o") == 4 and "o" in state.plan.units[0]  # block 0 is selected from too
+    assert getattr(state.perms.get(0), "heads", None) is None and getattr(state.perms.get(0), "kv_heads", None) is None
+    for name in ("q", "o"):  # block 0's heads are trained where they are
+        layer = model.layers[0][name]
+        assert type(layer).__name__ != "S2FTLinear" or layer.index.tolist() == layer.origin.tolist()
 
 
 def test_without_the_discovery_check_the_function_check_catches_the_head_gain(monkeypatch):

@@ -221,29 +221,34 @@ def test_output_gated_attention(gate, rows_per_head):
     assert structure.unrecognized == ["head"]
 
 
-def test_output_gate_with_a_per_head_bias_is_unrecognised():
+def test_output_gate_with_a_per_head_bias_keeps_the_heads_in_place():
+    """The gate cannot follow a head permutation: the heads are selected and trained where they are, the
+    gate's linear stays dense with the reason, and S²FT is exact (``_exact_s2ft``)."""
     model, x = _decoder(lambda: _GQA(gate="bias")), _tokens()
     structure = _exact_s2ft(model, x)
-    assert all(block.attention is None for block in structure.blocks)
-    assert "would not move with the heads" in structure.reasons["blocks.0.wq"]
+    for block in structure.blocks:
+        assert _heads(block) == (6, 2, 8) and "would not move with the heads" in block.attention.fixed_order
+        assert block.attention.gates == () and f"blocks.{block.index}.g" in structure.unrecognized
+    assert "not trained" in structure.reasons["blocks.0.g"]
 
 
-def test_gqa_tiled_repeat_is_unrecognised_not_permuted():
+def test_gqa_tiled_repeat_keeps_the_heads_in_place():
     """``k.repeat(1, groups, 1, 1)`` pairs query head h with KV head h % kv, not h // groups: permuting heads
-    the GQA way would change the function, so the attention is left out with the reason."""
+    the GQA way would change the function, so they stay where they are (and S²FT is exact)."""
     model, x = _decoder(lambda: _GQA(repeat="tile")), _tokens()
     structure = _exact_s2ft(model, x)
-    assert all(block.attention is None and block.ffn is not None for block in structure.blocks)
-    assert "KV heads are repeated in another order" in structure.reasons["blocks.0.wq"]
+    assert all(_heads(block) == (6, 2, 8) and block.ffn is not None for block in structure.blocks)
+    assert "KV heads are repeated in another order" in structure.blocks[0].attention.fixed_order
 
 
 @pytest.mark.parametrize("variant, why", [("alibi", "slopes"), ("sink", "attention sinks")])
-def test_written_out_per_head_scores_are_unrecognised(variant, why):
+def test_written_out_per_head_scores_keep_the_heads_in_place(variant, why):
     model, x = _decoder(lambda: _FusedWrittenOut(variant=variant)), _tokens()
     structure = _exact_s2ft(model, x)
-    assert all(block.attention is None for block in structure.blocks)
-    reason = structure.reasons["blocks.0.c_attn"]
-    assert why in reason and "permuting heads would change the function" in reason
+    first = structure.blocks[0].attention
+    assert _heads(structure.blocks[0]) == (6, 6, 8)
+    assert why in first.fixed_order and "permuting heads would change the function" in first.fixed_order
+    assert structure.unrecognized == ["head"]
 
 
 def test_moe_with_per_expert_linears():
@@ -300,8 +305,9 @@ def test_matmul_projections_and_modules_that_cannot_be_replaced():
     assert "no nn.Linear/Conv1D" in structure.reasons["blocks.0.w2"]
 
 
-def test_a_module_called_twice_is_left_out():
-    """A shared FFN applied twice per block: permuting its channels for one call would change the other."""
+def test_a_structure_run_twice_is_one_structure():
+    """A looped FFN (the same three linears applied twice per block, as looped decoders do): its channels move
+    inside modules only ever called together, exact for both calls."""
     class Twice(_GQA):
         def forward(self, x):
             x = self.attention(x)
@@ -312,8 +318,25 @@ def test_a_module_called_twice_is_left_out():
 
     model, x = _decoder(Twice), _tokens()
     structure = _exact_s2ft(model, x)
+    assert len(structure.blocks) == 2
+    assert all(block.ffn.channels == 80 and _heads(block) == (6, 2, 8) for block in structure.blocks)
+
+
+def test_a_module_also_called_outside_its_structure_is_left_out():
+    """w3 is the FFN's up projection and is called once more outside it: permuting its rows for the FFN would
+    change that other call, so the FFN stays dense with the reason."""
+    class Shared(_GQA):
+        def forward(self, x):
+            x = self.attention(x)
+            y = self.ffn_norm(x)
+            x = x + self.w2(F.silu(self.w1(y)) * self.w3(y))
+            return x + 0.1 * self.w3(x)[..., :1]
+
+    model, x = _decoder(Shared), _tokens()
+    structure = _exact_s2ft(model, x)
     assert all(block.ffn is None and _heads(block) == (6, 2, 8) for block in structure.blocks)
-    assert "called 2 times" in structure.reasons["blocks.0.w2"]
+    assert "called 2 times" in structure.reasons["blocks.0.w2"] and "shared with something else" in (
+        structure.reasons["blocks.0.w2"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,17 +412,69 @@ def test_qk_norm_over_the_whole_projection_moves_with_the_heads():
     assert structure.to_dict()["blocks"][0]["attention"]["norms"]["k"] == "model.layers.0.self_attn.k_norm"
 
 
-@pytest.mark.parametrize("config_cls, kwargs, why", [
-    ("CohereConfig", {"use_qk_norm": True}, "takes a different value per head"),
-    ("DiffLlamaConfig", {}, "no linear takes the output of attention"),
-])
-def test_attention_variants_left_out_with_a_reason(config_cls, kwargs, why):
-    """q/k norms with per-head weights (Cohere), differential attention (DiffLlama): no exact head permutation
-    is known, so the attention stays dense with the reason."""
-    model = _hf(config_cls, **kwargs)
+def test_per_head_qk_norm_weights_keep_the_heads_in_place():
+    """q/k norms with per-head weights (Cohere): no head permutation moves them, so the heads are trained where
+    they are (S²FT exact, ``_exact_s2ft``)."""
+    model = _hf("CohereConfig", use_qk_norm=True)
+    structure = _exact_s2ft(model, x=torch.randint(0, 96, (1, 7)))
+    for block in structure.blocks:
+        assert _heads(block) == (6, 2, 8) and block.ffn.channels == 80
+        assert "takes a different value per head" in block.attention.fixed_order
+
+
+class _SubNormFFN(_GQA):
+    """BitNet-style FFN: an RMSNorm with a weight over every channel between ``act(gate) * up`` and down
+    (``"norm"``), or nGPT-style per-channel scales on gate and up (``"scale"``)."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+        self.sub_norm = nn.RMSNorm(80)
+        self.suv = nn.Parameter(0.5 + torch.rand(80))
+
+    def forward(self, x):
+        x = self.attention(x)
+        y = self.ffn_norm(x)
+        if self.variant == "norm":
+            return x + self.w2(self.sub_norm(F.silu(self.w1(y)) * self.w3(y)))
+        return x + self.w2(F.silu(self.w1(y) * self.suv) * (self.w3(y) * self.suv * 2.0))
+
+
+@pytest.mark.parametrize("variant, why", [("norm", "rms_norm.default over every channel"),
+                                          ("scale", "scales each channel on the way to the product")])
+def test_ffn_whose_channels_cannot_move_trains_them_in_place(variant, why):
+    """The FFN is found (gate told from up as usual) with ``fixed_order`` saying why; its channels are trained
+    where they are, so S²FT is exact (``_exact_s2ft``), and no FFN weight row or column moved."""
+    model, x = _decoder(lambda: _SubNormFFN(variant)), _tokens()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.sub_norm.weight.add_(torch.randn(80))  # a permutation that forgot the norm weight would show
+    structure = _exact_s2ft(model, x)
+    for i, block in enumerate(structure.blocks):
+        f = block.ffn
+        assert (f.gate.path, f.up.path, f.down.path, f.channels) == (f"blocks.{i}.w1", f"blocks.{i}.w3",
+                                                                      f"blocks.{i}.w2", 80)
+        assert why in f.fixed_order and "permuting channels" in f.fixed_order
+        assert structure.to_dict()["blocks"][i]["ffn"]["fixed_order"] == f.fixed_order
+    plan = fxsparse.transform(model, "s2ft", example_inputs=x, ratios={"down": 0.25, "up": 0.25})._fxsparse_s2ft
+    assert all(getattr(p, "channels", None) is None for p in plan.perms.values())
+
+
+def test_bitnet_sub_norm_ffn():
+    """transformers' BitNet: an RMSNorm over the FFN's channels before down_proj."""
+    model = _hf("BitNetConfig")
+    structure = _exact_s2ft(model, x=torch.randint(0, 96, (1, 7)))
+    assert all(b.ffn.channels == 80 and "over every channel" in b.ffn.fixed_order for b in structure.blocks)
+    assert all(_heads(b) == (6, 2, 8) for b in structure.blocks)
+
+
+def test_differential_attention_left_out_with_a_reason():
+    """Differential attention (DiffLlama): two attention maps subtracted, no single linear takes the output of
+    one; the attention stays dense with the reason."""
+    model = _hf("DiffLlamaConfig")
     structure = _exact_s2ft(model, x=torch.randint(0, 96, (1, 7)))
     assert all(b.attention is None and b.ffn.channels == 80 for b in structure.blocks)
-    assert why in structure.reasons["model.layers.0.self_attn.q_proj"]
+    assert "no linear takes the output of attention" in structure.reasons["model.layers.0.self_attn.q_proj"]
 
 
 def test_multi_head_latent_attention():

@@ -227,16 +227,44 @@ class _TwoBlocks(nn.Module):
 
 @pytest.mark.parametrize("variant, why", [("gain", "gain (seen as [1, 4, 1, 1])"), ("alibi", "mask slopes"),
                                           ("sink", "sink (seen as [1, 4, 1, 8])"), ("bias", "q_bias (seen as [32])")])
-def test_per_head_operand_outside_the_linears_stops_that_attention(variant, why):
+def test_per_head_operand_outside_the_linears_keeps_those_heads_in_place(variant, why):
+    """The attention is found, its heads counted, and marked ``fixed_order`` with the reason: they may be
+    selected and trained, never permuted. The other block's heads stay free to move."""
     structure = fxsparse.inspect(_TwoBlocks(variant), torch.randn(1, 5, 32))
     first, second = structure.blocks
-    assert first.attention is None and first.ffn is not None
-    assert second.attention is not None and second.attention.num_heads == 4
-    attention = [f"blocks.0.{name}" for name in ("wq", "wk", "wv", "wo")]
-    assert set(attention) <= set(structure.unrecognized)
-    for path in attention:
-        assert why in structure.reasons[path] and "permuting heads would change" in structure.reasons[path]
-    assert structure.to_dict()["reasons"] == structure.reasons
+    assert first.attention is not None and first.ffn is not None
+    assert (first.attention.num_heads, first.attention.num_kv_heads, first.attention.head_dim) == (4, 4, 8)
+    assert why in first.attention.fixed_order and "permuting heads would change" in first.attention.fixed_order
+    assert second.attention is not None and second.attention.fixed_order == ""
+    assert not any(path.startswith("blocks.0.w") for path in structure.unrecognized)
+    entry = structure.to_dict()["blocks"][0]["attention"]
+    assert entry["fixed_order"] == first.attention.fixed_order and "fixed_order" not in (
+        structure.to_dict()["blocks"][1]["attention"])
+
+
+@pytest.mark.parametrize("variant", ["gain", "alibi", "sink", "bias"])
+def test_fixed_order_heads_train_in_place_and_the_function_is_kept(variant):
+    """S²FT selects heads of the fixed-order attention without moving them: the output is unchanged in float64,
+    no weight of that attention moved, its trained blocks are gathered where needed, and merge gives back
+    the original weights bit for bit."""
+    torch.manual_seed(0)
+    model = _TwoBlocks(variant).double()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    before = model(x)
+    fxsparse.transform(model, "s2ft", ratios={"q": 0.5, "k": 0.5, "v": 0.5, "o": 0.5}, seed=3,
+                       example_inputs=(x[:1],))
+    torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
+    wq = model.blocks[0].wq
+    assert type(wq).__name__ == "S2FTLinear"
+    assert wq.index.tolist() == wq.origin.tolist()  # no permutation: the trained rows are where they were
+    frozen_rows = [r for r in range(32) if r not in set(wq.index.tolist())]
+    assert torch.equal(wq.weight[frozen_rows], original["blocks.0.wq.weight"][frozen_rows])
+    for name in ("wk", "wv", "wo"):  # the attention's other projections did not move either
+        layer = getattr(model.blocks[0], name)
+        assert type(layer).__name__ != "S2FTLinear" or layer.index.tolist() == layer.origin.tolist()
+    fxsparse.merge(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
 
 
 def test_operands_shared_by_all_heads_do_not_stop_discovery():

@@ -37,7 +37,9 @@ CI_ARCHS = [
     "mixtral", "qwen2_moe", "olmoe", "granitemoe",           # mixture of experts, shared experts
     "glm4_moe", "jamba",                                     # heterogeneous blocks (dense then MoE; mamba + attention)
     "gemma2", "gemma3_text", "cohere2",                      # sliding window / per-layer types, soft-capping
-    "gpt_oss",                                               # attention sinks
+    "gpt_oss", "beam", "hrm_text",                           # sinks, a per-head output-gate bias: heads kept in
+                                                             # place; a looped decoder (blocks run 6 times)
+    "bitnet", "dory",                                        # FFN channels kept in place (sub-norm; nGPT scales)
     "deepseek_v3", "minicpm3",                               # multi-head latent attention
     "qwen3", "olmo2",                                        # q/k norms (per head; over the whole projection)
     "diffllama",                                             # differential attention
