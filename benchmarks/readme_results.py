@@ -149,6 +149,8 @@ def pretrain_section() -> list[str]:
     rows = _latest(_rows("pretrain_compare.csv"), lambda r: (r["run_id"],))
     if not rows:
         return []
+    if len({r.get("seed") or "0" for r in rows}) > 1:
+        return _pretrain_seeds(rows)
     body = [[r["recipe"], f"{int(r['params_trainable']):,}", r["steps"], f"{int(r['tokens']):,}",
              r["final_val_loss"], r["final_val_ppl"]] for r in rows]
     first = rows[0]
@@ -159,6 +161,54 @@ def pretrain_section() -> list[str]:
             "one seed; early training only.", "",
             *_table(["recipe", "parameters", "steps", "tokens", "val loss", "val ppl"], body),
             "", "![pre-training curves](benchmarks/results/pretrain_compare.png)", ""]
+
+
+def _pretrain_seeds(rows: list[dict[str, str]]) -> list[str]:
+    from pretrain_compare import seed_summary
+
+    summary = seed_summary(rows)
+    first = rows[0]
+    body = []
+    for item in summary:
+        mine = item["rows"]
+        state = [int(r["optimizer_state_bytes"]) for r in mine if r.get("optimizer_state_bytes")]
+        body.append([item["recipe"], f"{int(mine[0]['params_trainable']):,}",
+                     f"{sum(state) / len(state) / 2**20:.1f}" if state else "-", str(len(mine)),
+                     f"{item['mean']:.2f} ± {item['std']:.2f}", f"{item['min']:.2f}-{item['max']:.2f}",
+                     f"{item['ratio']:.3f}" if item["ratio"] is not None else "-"])
+    return ["### Pre-training from scratch: SLTrain vs dense vs low-rank", "",
+            f"Run `{first['run_id']}` of {first['date']} at `{first['git_rev']}` on {first['device']}, "
+            f"{first['threads']} thread(s) (`python benchmarks/pretrain_compare.py --seeds "
+            f"{','.join(summary[0]['seeds'])}`, rows in `benchmarks/results/pretrain_compare.csv`), preset "
+            f"{first['preset']}, learning rate {first['lr']}, {first['steps']} steps and {int(first['tokens']):,} "
+            "tokens per run, the same data order per seed; held-out perplexity mean ± sample std over the seeds "
+            "(the seed draws the initial weights, SLTrain's random support and the data order); ppl / dense: mean "
+            "over seeds of the ratio to dense of the same seed. Early training only.", "",
+            *_table(["recipe", "trainable", "AdamW state MB", "seeds", "val ppl", "min-max", "ppl / dense"], body),
+            "", "![pre-training curves](benchmarks/results/pretrain_compare.png)", ""]
+
+
+def quality_section() -> list[str]:
+    rows = _latest(_rows("finetune_quality.csv"), lambda r: (r["run_id"],))
+    if not rows:
+        return []
+    from finetune_quality import summary
+
+    first = rows[0]
+    metrics = ("test_em", "longer_em", "format_em", "ppl_change")
+    body = [[item["method"], f"{int(item['trainable_params']):,}", item["lr"] or "-", str(item["n"]),
+             *(f"{item[k]:.3f} ± {item[k + '_std']:.3f}" for k in metrics)] for item in summary(rows)]
+    return ["### Fine-tuning quality at a matched trainable budget", "",
+            f"Run `{first['run_id']}` of {first['date']} at `{first['git_rev']}` on {first['device']}, "
+            f"{first['threads']} thread(s) (`python benchmarks/finetune_quality.py`, rows in "
+            f"`benchmarks/results/finetune_quality.csv`): {first['model']}, task `{first['task']}`, "
+            f"{first['steps']} steps of {first['batch_size']} examples; every method at S²FT's "
+            f"{int(first['budget_params']):,} trainable parameters but `full`; learning rate chosen per method on a "
+            "validation split (first seed), then mean ± sample std over the seeds. Exact match in distribution "
+            "(test), with longer operands and in an unseen prompt format (out of distribution); forgetting: "
+            "general-text perplexity after / before - 1 (lower forgets less).", "",
+            *_table(["method", "trainable", "lr", "seeds", "test EM", "longer EM", "format EM", "ppl change"], body),
+            "", "![fine-tuning quality](benchmarks/results/finetune_quality.png)", ""]
 
 
 def zoo_section() -> list[str]:
@@ -181,8 +231,8 @@ def zoo_section() -> list[str]:
             *_table(["status", "architectures", "share"], body), ""]
 
 
-SECTIONS = (s2ft_section, compile_section, scaling_section, scaling_ratio_section, sltrain_section, pretrain_section,
-            zoo_section)
+SECTIONS = (s2ft_section, compile_section, scaling_section, scaling_ratio_section, sltrain_section, quality_section,
+            pretrain_section, zoo_section)
 
 
 def section() -> str:

@@ -1317,8 +1317,9 @@ def _merge_repeats(records: list[tuple[fx.Node, object]], calls: dict[str, int],
     kept = []
     for paths, group in groups.items():
         first_node, first = group[0]
-        fixed = next((r.fixed_order for _, r in group if getattr(r, "fixed_order", "")), "")
-        layouts = {r if not isinstance(r, Attention) else dataclasses.replace(r, fixed_order="") for _, r in group}
+        fixed = next((r.fixed_order for _, r in group if r.fixed_order), "")
+        layouts = {dataclasses.replace(r, fixed_order="", **({"gates": (), "norms": ()} if isinstance(r, Attention)
+                                                             else {})) for _, r in group}
         elsewhere = [p for p in paths if calls[p] != len(group)]
         if elsewhere:
             why = (f"{elsewhere[0]} is called {calls[elsewhere[0]]} times in the forward, {len(group)} of them "
@@ -1327,8 +1328,9 @@ def _merge_repeats(records: list[tuple[fx.Node, object]], calls: dict[str, int],
         elif len(layouts) > 1:
             why = f"{paths[0]} is called {len(group)} times, and the calls do not agree on its heads or channels"
         else:
-            if isinstance(first, Attention) and fixed and not first.fixed_order:
-                first = dataclasses.replace(first, gates=(), norms=(), fixed_order=fixed)
+            if fixed and not first.fixed_order:
+                extra = {"gates": (), "norms": ()} if isinstance(first, Attention) else {}
+                first = dataclasses.replace(first, fixed_order=fixed, **extra)
             kept.append((first_node, first))
             continue
         reasons.update(dict.fromkeys(paths, why))
