@@ -35,6 +35,18 @@ def test_inspect_prints_what_it_left_dense_and_why(capsys):
     assert "  lm_head: not part of an attention or FFN pattern" in text
 
 
+def test_inspect_prints_heads_and_channels_kept_in_place():
+    from fxsparse.app.cli import format_structure
+    from fxsparse.structure import FFN, Attention, Block, Projection, Structure
+
+    p = Projection
+    attention = Attention(p("a.q"), p("a.k"), p("a.v"), p("a.o"), 4, 2, 8, fixed_order="sinks per head")
+    ffn = FFN(p("f.up"), p("f.gate"), p("f.down"), 16, "silu", fixed_order="a norm over every channel")
+    text = format_structure(Structure(blocks=[Block(0, attention, ffn), Block(1, attention, None)]))
+    assert "attention heads kept in place in 2 block(s)" in text and "  block 1: sinks per head" in text
+    assert "FFN channels kept in place in 1 block(s)" in text and "  block 0: a norm over every channel" in text
+
+
 def test_unknown_model_is_a_clean_error(capsys):
     assert main(["inspect", "--model", "no-such-model"]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err

@@ -185,3 +185,40 @@ def test_smollm2_export(tmp_path, smollm2, smollm2_copy):
         got = peft.PeftModel.from_pretrained(base, str(folder))(x).logits
     assert _relative(before, expected) > 1e-3
     assert _relative(got, expected) < RTOL[torch.float32]
+
+
+def _gpt_oss(seed=0):
+    """A tiny GPT-OSS (attention sinks per head: its heads are kept in place, trained where they are)."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    config = GptOssConfig(vocab_size=96, hidden_size=48, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=6, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                          num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_()  # sinks that differ per head: a head permutation would show
+    return model
+
+
+def test_fixed_order_heads_export_and_reload(tmp_path):
+    """GPT-OSS's heads stay in place (sinks): the exported LoRA and a saved adapter both give the trained logits."""
+    trained = _gpt_oss()
+    blocks = fxsparse.inspect(trained).blocks
+    assert all("attention sinks" in b.attention.fixed_order for b in blocks if b.attention is not None)
+    fxsparse.transform(trained, "s2ft", ratios={"o": 0.5, "v": 0.5}, seed=0)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in fxsparse.trainable_parameters(trained):
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    x = _ids()
+    with torch.no_grad():
+        expected, base = trained(x).logits, _gpt_oss()(x).logits
+    assert _relative(base, expected) > 1e-2
+    peft_model = peft.PeftModel.from_pretrained(_gpt_oss(), str(fxsparse.export_lora(trained, tmp_path / "lora")))
+    with torch.no_grad():
+        assert _relative(peft_model(x).logits, expected) < RTOL[torch.float32]
+    reloaded = fxsparse.load_adapter(_gpt_oss(), fxsparse.save_adapter(trained, tmp_path / "adapter"))
+    with torch.no_grad():
+        assert _relative(reloaded(x).logits, expected) < RTOL[torch.float32]
