@@ -717,9 +717,14 @@ def _written_out_site(softmax: fx.Node, names: dict[str, str]) -> _Site | str | 
         return "the attention scores come from no matmul(q, k^T) or baddbmm over (batch, heads, seq, head_dim)"
     # baddbmm(bias, q, k^T): Bloom's ALiBi added to the scores in the same op
     query, key_t = qk.args[1:3] if qk.target == aten.baddbmm.default else qk.args[:2]
-    if not (isinstance(query, fx.Node) and isinstance(key_t, fx.Node) and _last_two_swapped(key_t)):
+    if not (isinstance(query, fx.Node) and isinstance(key_t, fx.Node)):
         return "the key enters the attention scores as no transpose of (batch, heads, seq, head_dim)"
-    key = key_t.args[0]
+    if _last_two_swapped(key_t):
+        key = key_t.args[0]
+    elif key_t.target == aten.permute.default and [d % 4 for d in key_t.args[1]] == [0, 2, 3, 1]:
+        key = key_t  # (batch, seq, heads, dim) -> (batch, heads, dim, seq) in one permute (OpenAI GPT): heads on axis 1
+    else:
+        return "the key enters the attention scores as no transpose of (batch, heads, seq, head_dim)"
     pv, node = None, softmax
     for _ in range(8):  # softmax -> (dropout, dtype cast) -> matmul(probs, v)
         users = [u for u in node.users if u.op == "call_function"]
@@ -732,9 +737,10 @@ def _written_out_site(softmax: fx.Node, names: dict[str, str]) -> _Site | str | 
         node = step[0]
     if pv is None or not isinstance(pv.args[1], fx.Node) or _rows(_shape(pv)) != _rows(scores):
         return "the attention probabilities reach no matmul with the values"
-    if any(len(_shape(n) or ()) != len(_shape(pv)) for n in (query, key, pv.args[1])):
+    if any(len(_shape(n) or ()) not in (3, 4) for n in (query, key, pv.args[1])):
         return "q, k and v of the written-out attention are not (batch, heads, seq, head_dim)"
-    if len(_shape(pv)) == 3 and not all(_shape(n)[0] == _shape(pv)[0] for n in (query, key, pv.args[1])):
+    if len({math.prod(_shape(n)[:-2]) for n in (query, key, pv.args[1], pv)}) != 1:
+        # 3-D (batch * heads, seq, dim) and 4-D (batch, heads, seq, dim) may mix (GPT-NeoX-Japanese)
         return "q, k and v of the written-out attention have different heads over flattened (batch, heads)"
     path = _between(qk, softmax)
     if path is None:
