@@ -34,7 +34,7 @@ CI_ARCHS = [
     "gpt2", "gpt_bigcode",                                   # GPT-2 Conv1D; fused QKV with MQA
     "phi3", "gpt_neox", "phi", "persimmon",                  # fused QKV (phi3, NeoX interleaved); partial rotary
     "bloom", "mpt", "falcon", "openai-gpt",                  # written-out / eager-only attention, ALiBi, baddbmm,
-    "gpt_neox_japanese",                                     # a key permuted to (B, H, D, T); 3-D and 4-D q/k/v mixed
+    "gpt_neox_japanese",                                     # a key permuted to (B, H, D, T), 3-D and 4-D q/k/v
     "mixtral", "qwen2_moe", "olmoe", "granitemoe",           # mixture of experts, shared experts
     "glm4_moe", "jamba",                                     # heterogeneous blocks (dense then MoE; mamba + attention)
     "gemma2", "gemma3_text", "cohere2",                      # sliding window / per-layer types, soft-capping
