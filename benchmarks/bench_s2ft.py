@@ -279,20 +279,6 @@ class LiveTensorPeak(TorchDispatchMode):
         return out
 
 
-class SavedWithSparse(SavedActivations):
-    """:class:`SavedActivations` that also counts sparse COO tensors (SHiRA saves its delta weight as one) by
-    their index and value storages; ``SavedActivations`` alone stops on them (no storage to read)."""
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.layout == torch.sparse_coo:
-            for part in (tensor._indices(), tensor._values()):
-                super()._pack(part)
-            return tensor
-        if tensor.layout != torch.strided:
-            raise NotImplementedError(f"cannot count a saved tensor of layout {tensor.layout}")
-        return super()._pack(tensor)
-
-
 class Runner:
     """One provider: model, AdamW over its trainable parameters, and a timed training step."""
 
@@ -317,7 +303,7 @@ class Runner:
         matmuls and attention, counted from shapes, so independent of machine load)."""
         # Parameters and buffers (rotary tables, S²FT index) are not activations.
         with FlopCounterMode(display=False) as counter:
-            with SavedWithSparse(exclude=[*self.model.parameters(), *self.model.buffers()]) as saved:
+            with SavedActivations(exclude=[*self.model.parameters(), *self.model.buffers()]) as saved:
                 loss = self.model(**batch).loss
             loss.backward()
         self.optimizer.zero_grad(set_to_none=True)

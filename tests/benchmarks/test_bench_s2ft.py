@@ -57,18 +57,6 @@ def test_live_tensor_peak_counts_the_given_tensors_once_and_backward(bench):
     assert tracker.peak >= 4096 + 1024 + 2048
 
 
-def test_saved_with_sparse_counts_a_sparse_coo_tensor(bench):
-    indices = torch.tensor([[0, 1, 2], [2, 0, 1]])
-    values = torch.ones(3, requires_grad=True)
-    dense = torch.randn(3, 3, requires_grad=True)
-    with bench.SavedWithSparse(exclude=[dense, values]) as saved:
-        sparse = torch.sparse_coo_tensor(indices, values, (3, 3))
-        torch.sparse.mm(sparse, dense * 2)  # saves the sparse matrix: its int64 indices and fp32 values
-    # (dense * 2) 36 bytes, the sparse operand's indices (48) + values (12: a copy, not ``values`` itself)
-    assert saved.bytes >= 48 + 36
-    assert not any(size == 0 for size in saved.storages.values())
-
-
 def test_supertuning_sparsity_matches_the_budget(bench, base):
     budget = 3_000
     sparsity = bench.supertuning_sparsity(base, budget)
