@@ -79,6 +79,9 @@ def merge(model: nn.Module) -> nn.Module:
         raise ValueError("model was not transformed by fxsparse (nothing to merge)")
     model = get_recipe(name).merge(model)
     del model._fxsparse_recipe
+    handle = vars(model).pop("_fxsparse_state_check", None)
+    if handle is not None:
+        handle.remove()
     return model
 
 

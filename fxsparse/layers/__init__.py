@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["dense_module", "is_conv1d", "materialize"]
+__all__ = ["check_layer_states", "dense_module", "is_conv1d", "materialize"]
 
 
 def materialize(model: nn.Module) -> nn.Module:
@@ -30,6 +30,16 @@ def materialize(model: nn.Module) -> nn.Module:
         if module is not model and callable(rebuild) and type(module).__module__.startswith("fxsparse.layers."):
             rebuild()
     return model
+
+
+def check_layer_states(module: nn.Module, state_dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook of a transformed model: every fxsparse layer checks its part of ``state_dict``
+    (plan, rank, alpha, support, indices) before any tensor is copied, so a mismatch in a late layer leaves the
+    early ones untouched (torch runs each layer's own check only when it reaches that layer)."""
+    for name, layer in module.named_modules():
+        check = getattr(layer, "check_state", None)
+        if layer is not module and callable(check) and type(layer).__module__.startswith("fxsparse.layers."):
+            check(state_dict, f"{prefix}{name}.")
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -251,8 +251,9 @@ class S2FTLinear(nn.Module):
         return dense_module(self.merged_weight(), self.bias, self.conv1d)
 
     # ------------------------------------------------------------------ state dict, to_empty, materialise
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def check_state(self, state_dict, prefix: str = "") -> None:
+        """Raise :class:`StateMismatchError` (naming the layer) if ``state_dict`` (this layer's keys under
+        ``prefix``) was saved with another plan or holds an invalid index; changes nothing."""
         name = prefix[:-1] or "S2FTLinear"
         size = self.out_features if self.dim == 0 else self.in_features
         origin = state_dict.get(prefix + "origin")
@@ -270,6 +271,10 @@ class S2FTLinear(nn.Module):
             except ValueError as exc:
                 raise StateMismatchError(f"{name}: the state dict's index is invalid ({exc}): the file is "
                                          "corrupt or not from an S2FT model") from None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self.check_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         for key in ("origin", "base_sha256"):  # state dicts written before these buffers existed

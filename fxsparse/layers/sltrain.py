@@ -294,9 +294,12 @@ class SLTrainLinear(nn.Module):
             self.reset_support()  # to_empty(): every buffer is uninitialised memory
         return result
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def check_state(self, state_dict, prefix: str = "") -> int | None:
+        """Raise :class:`StateMismatchError` (naming the layer) if ``state_dict`` (this layer's keys under
+        ``prefix``) was saved with another rank, alpha, support or block size, or holds an invalid support;
+        changes nothing. Returns the support seed the state dict records (None if it records none)."""
         name = prefix[:-1] or "SLTrainLinear"
+        seed = None
         settings = state_dict.get(prefix + "settings")
         if isinstance(settings, torch.Tensor) and not settings.is_meta and settings.numel() == 5:
             seed, rank, alpha_bits, support, block_size = settings.tolist()
@@ -314,10 +317,16 @@ class SLTrainLinear(nn.Module):
                 raise StateMismatchError(
                     f"{name}: the state dict was saved from an SLTrain layer with {shown}; transform the model with "
                     "the options it was trained with (rank, alpha, support, block_size)")
-            self.seed = int(seed)
         incoming = {key: state_dict[prefix + key] for key in self._support_tensors() if prefix + key in state_dict}
         if len(incoming) == 2 and all(isinstance(t, torch.Tensor) for t in incoming.values()):
             self.check_support(incoming, name)
+        return None if seed is None else int(seed)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        seed = self.check_state(state_dict, prefix)
+        if seed is not None:
+            self.seed = seed
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if prefix + "settings" in missing_keys:  # state dicts written before the settings were recorded

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsparse.layers import check_layer_states
 from fxsparse.passes.manager import PassManager, PassResult, check_pipeline, spec_of
 
 __all__ = ["Recipe", "INPUTS", "register_recipe", "get_recipe", "available_recipes", "make_config",
@@ -250,6 +251,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, config: Any, example_inputs: 
             recipe.finish(model, context)
         model._fxsparse_recipe = recipe.name
         _refuse_save(model, recipe.name)
+        model._fxsparse_state_check = model.register_load_state_dict_pre_hook(check_layer_states)
     except BaseException:
         manager.rollback()
         snapshot.restore()

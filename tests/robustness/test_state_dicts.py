@@ -69,6 +69,32 @@ def test_state_dicts_written_before_the_plan_was_recorded_still_load():
         assert torch.equal(resumed(_ids()).logits, trained(_ids()).logits)
 
 
+@pytest.mark.parametrize("recipe", ["s2ft", "sltrain"])
+def test_a_refused_state_dict_changes_nothing(recipe):
+    """All or nothing: the mismatch is in the last fxsparse layer only, yet no earlier tensor was overwritten
+    (each layer used to check itself when torch reached it, after the earlier layers were copied)."""
+    def build():
+        if recipe == "s2ft":
+            return _s2ft(seed=0)
+        return fxsparse.transform(tiny_model("llama"), "sltrain", **SLTRAIN)
+
+    trained, target = _shake(build(), seed=9), build()
+    state = trained.state_dict()
+    last = [name for name, m in target.named_modules() if isinstance(m, (S2FTLinear, SLTrainLinear))][-1]
+    if recipe == "s2ft":
+        state[f"{last}.origin"] = state[f"{last}.origin"].flip(0) + 1  # another plan for that layer only
+    else:
+        settings = state[f"{last}.settings"].clone()
+        settings[1] += 1  # another rank recorded for that layer only
+        state[f"{last}.settings"] = settings
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(StateMismatchError, match=last.replace(".", r"\.")):
+        target.load_state_dict(state)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
+    fxsparse.merge(target)
+    assert not target._load_state_dict_pre_hooks  # merge takes the check away with the fxsparse layers
+
+
 def test_an_sltrain_state_dict_of_another_alpha_is_refused_by_name():
     trained = fxsparse.transform(tiny_model("llama"), "sltrain", **SLTRAIN)
     other = fxsparse.transform(tiny_model("llama"), "sltrain", **{**SLTRAIN, "alpha": 8.0})
