@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def test_toy_run_selects_a_learning_rate_and_reports_seeds(fq, tmp_path):
         rows = list(csv.DictReader(handle))
     assert [(r["method"], r["seed"], r["chosen"]) for r in rows][0] == ("base", "", "1")
     s2ft = [r for r in rows if r["method"] == "s2ft"]
-    assert sorted(float(r["lr"]) for r in s2ft if r["seed"] == "0") == [5e-4, 2e-3]  # the grid, first seed
+    grid = fq.DEFAULT_GRIDS["s2ft"]
+    assert sorted(float(r["lr"]) for r in s2ft if r["seed"] == "0") == [grid[0], grid[-1]]  # the grid, first seed
     chosen = [r for r in s2ft if r["chosen"] == "1"]
     assert [r["seed"] for r in chosen] == ["0", "1"] and len({r["lr"] for r in chosen}) == 1
     dropped = [r for r in s2ft if r["chosen"] == "0"]
@@ -98,3 +100,34 @@ def test_toy_run_selects_a_learning_rate_and_reports_seeds(fq, tmp_path):
     report = (tmp_path / "finetune_quality.md").read_text()
     assert "| s2ft | 528 |" in report and " ± " in report
     assert (tmp_path / "finetune_quality.png").stat().st_size > 0
+
+
+def test_an_interrupted_run_resumes_without_training_again(fq, tmp_path, monkeypatch):
+    argv = ["--tiny", "--methods", "s2ft,lora", "--seeds", "0,1", "--threads", "1", "--out", str(tmp_path)]
+    trained = []
+    real = fq.fine_tune
+
+    def counting(model, tokenizer, examples, args, lr, seed):
+        trained.append((lr, seed))
+        if len(trained) == 4 and fail:
+            raise RuntimeError("cut off")  # the 4th training run (LoRA's first) is interrupted
+        return real(model, tokenizer, examples, args, lr, seed)
+
+    monkeypatch.setattr(fq, "fine_tune", counting)
+    fail = True
+    with pytest.raises(RuntimeError, match="cut off"):
+        fq.main(argv)
+    journal = tmp_path / fq.JOURNAL_NAME
+    assert not (tmp_path / "finetune_quality.csv").exists() and journal.exists()
+    done = [json.loads(line)["key"] for line in journal.read_text().splitlines()[1:]]
+    lr = fq.DEFAULT_GRIDS["s2ft"]
+    assert done[:3] == ["base", f"s2ft|{lr[0]:g}|0|0", f"s2ft|{lr[-1]:g}|0|0"] and len(done) == 5  # + 2 chosen
+    with pytest.raises(SystemExit, match="other settings"):  # other settings never mix into that run
+        fq.main([*argv, "--steps", "3", "--resume"])
+    fail, trained[:] = False, []
+    fq.main([*argv, "--resume"])
+    assert trained == [(fq.DEFAULT_GRIDS["lora"][-1], 0), (fq.DEFAULT_GRIDS["lora"][-1], 1)]  # S²FT's were kept
+    rows = fq.read_csv(tmp_path / "finetune_quality.csv")
+    assert len({r["run_id"] for r in rows}) == 1 and not journal.exists()
+    assert [(r["method"], r["seed"], r["chosen"]) for r in rows if r["chosen"] == "1"] == [
+        ("base", "", "1"), ("s2ft", "0", "1"), ("s2ft", "1", "1"), ("lora", "0", "1"), ("lora", "1", "1")]
