@@ -511,8 +511,12 @@ def expected(config, attentions: dict[str, str]) -> dict:
         head_dims.add(nope + rope)
     if not head_dims and heads and hidden:
         head_dims.add(hidden // heads)
-    widths = {v for k, v in vars(text).items() if isinstance(v, int) and not isinstance(v, bool) and v > 0 and (
-        "intermediate" in k or "ffn" in k or k in ("n_inner", "d_ff", "dff", "dim_ff", "expert_dim", "d_inner"))}
+    widths = set()
+    for k, v in vars(text).items():
+        if "intermediate" in k or "ffn" in k or k in ("n_inner", "d_ff", "dff", "dim_ff", "expert_dim", "d_inner"):
+            # an int, or one per layer (Gemma 3n's intermediate_size list)
+            values = v if isinstance(v, (list, tuple)) else [v]
+            widths |= {w for w in values if isinstance(w, int) and not isinstance(w, bool) and w > 0}
     widths |= {w // 2 for w in widths if w % 2 == 0}  # a width that counts gate and up together
     if hidden:
         widths.add(4 * hidden)

@@ -978,6 +978,45 @@ def _parameters_only(node: fx.Node, linears, limit: int = 32) -> bool:
     return True
 
 
+# Reductions whose value does not depend on the order of the reduced elements (a statistic of the channels).
+_SYMMETRIC_REDUCTIONS = _REDUCTIONS | {aten.std.dim, aten.std.correction, aten.var.dim, aten.var.correction,
+                                       aten.logsumexp.default}
+
+
+def _channel_statistic(node: fx.Node, width: int, linears, limit: int = 32) -> list[fx.Node] | None:
+    """The tensors reduced when ``node`` (one value per row, last dim 1) is computed from order-free reductions
+    over all ``width`` channels (mean, std, var, sum, max, min, logsumexp), numbers and parameters only; else None.
+    Such a statistic is the same in any channel order (Gemma 3n's activation sparsity: ``relu(g - (mean(g) + k *
+    std(g)))``), so the channels it is taken over can still be permuted (exactly, up to summation order)."""
+    reduced, seen, queue = [], {node}, deque([node])
+    while queue:
+        current = queue.popleft()
+        if len(seen) > limit or current in linears or current.op != "call_function":
+            return None
+        if current.target in _SYMMETRIC_REDUCTIONS:
+            x = current.args[0]
+            dims = current.args[1] if len(current.args) > 1 else current.kwargs.get("dim")
+            rank = len(_shape(x) or ())
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            if not rank or [d % rank for d in dims] != [rank - 1] or _shape(x)[-1] != width:
+                return None
+            reduced.append(x)
+            continue
+        if not _pointwise(current.target) and current.target not in _IDENTITIES:
+            return None
+        for parent in current.all_input_nodes:
+            if parent in seen:
+                continue
+            seen.add(parent)
+            shape = _shape(parent)
+            if shape is not None and math.prod(shape) == 1 and _parameters_only(parent, linears, 64):
+                continue  # a number computed from constants and parameters (Gemma 3n: erfinv of the sparsity)
+            if parent.op in ("placeholder", "get_attr") or not shape or shape[-1] != 1:
+                return None  # a tensor of many values, or one from the activations: not a statistic
+            queue.append(parent)
+    return reduced or None
+
+
 def _pointwise_sources(start: fx.Node, linears, width: int, fixed: list[str] | None = None) -> set[fx.Node] | None:
     """Linear nodes that feed ``start`` through pointwise ops and reshapes only, or None if anything
     else (a reduction, a norm, another activation tensor) takes part: then this is no FFN.
@@ -1015,6 +1054,17 @@ def _pointwise_sources(start: fx.Node, linears, width: int, fixed: list[str] | N
                     and _parameters_only(arg, linears)):
                 fixed.append(f"{arg.name} {list(arg_shape)} (computed from parameters) scales each channel on the "
                              "way to the product: permuting channels would change the function")
+                continue
+            # x - statistic(x): a shift by a statistic of every channel (the same in any order); a scale by one
+            # (a norm) is left to _normed_input, which knows norm weights
+            statistic = (node.target in (aten.sub.Tensor, aten.add.Tensor) and arg not in linears and arg_shape
+                         and shape and len(arg_shape) == len(shape) and arg_shape[-1] == 1 and shape[-1] == width
+                         and _channel_statistic(arg, width, linears))
+            if statistic:  # walk on into what it reduces
+                for reduced in statistic:
+                    if reduced not in seen:
+                        seen.add(reduced)
+                        queue.append(reduced)
                 continue
             if not passthrough and arg not in linears and arg_shape != shape:
                 return None  # e.g. rsqrt(mean(x)) of a norm: not pointwise in the channels
@@ -1055,11 +1105,15 @@ def _channel_rows(lin: _Linear, operand: fx.Node, channels: int) -> list[int] | 
 
 def _activation_between(operand: fx.Node, lin_node: fx.Node) -> str | None:
     """Name of the elementwise activation on the path from ``lin_node`` to ``operand`` (None if none)."""
-    node, names = operand, []
+    node, names, thresholded = operand, [], False
     for _ in range(64):
         if node is lin_node or not isinstance(node, fx.Node) or node.op != "call_function":
             break
-        if node.target in _ACTIVATIONS:
+        if node.target in (aten.sub.Tensor, aten.add.Tensor) and any(
+                isinstance(a, fx.Node) and (_shape(a) or (0,))[-1] == 1 != (_shape(node) or (1,))[-1]
+                for a in node.args[:2]):
+            thresholded = True  # x - statistic(x) (Gemma 3n's activation sparsity): no activation by itself
+        elif node.target in _ACTIVATIONS:
             names.append(_ACTIVATIONS[node.target])
             if node.target == aten.gelu.default and node.kwargs.get("approximate") == "tanh":
                 names[-1] = "gelu_tanh"
@@ -1076,6 +1130,8 @@ def _activation_between(operand: fx.Node, lin_node: fx.Node) -> str | None:
     if not names:
         return None
     named = [n for n in names if n != "custom"]
+    if thresholded:  # report the outer activation: the relu right after the threshold is the sparsifier
+        return f"{named[0] if named else 'custom'} of a thresholded gate"
     return named[-1] if named else "custom"
 
 

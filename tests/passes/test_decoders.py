@@ -460,6 +460,45 @@ def test_ffn_whose_channels_cannot_move_trains_them_in_place(variant, why):
     assert all(getattr(p, "channels", None) is None for p in plan.perms.values())
 
 
+class _ThresholdedFFN(_GQA):
+    """Gemma 3n-style activation sparsity: the gate is cut at a statistic of its own channels before the
+    activation, ``relu(g - (mean(g) + 1.64 * std(g)))`` (``"statistic"``), or at its first channel (``"first"``:
+    no statistic, the channel order matters)."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+
+    def forward(self, x):
+        x = self.attention(x)
+        y = self.ffn_norm(x)
+        g = self.w1(y)
+        if self.variant == "statistic":
+            cut = g.mean(-1, keepdim=True) + g.std(-1, keepdim=True, unbiased=False) * torch.tensor(1.64)
+        else:
+            cut = g[..., :1]
+        return x + self.w2(F.gelu(F.relu(g - cut), approximate="tanh") * self.w3(y))
+
+
+def test_gate_thresholded_by_a_statistic_of_its_channels():
+    """A statistic over every channel is the same in any channel order: the FFN is found and its channels are
+    permuted like any other; a threshold taken from one channel is no statistic: that FFN is left out, exactly."""
+    model, x = _decoder(lambda: _ThresholdedFFN("statistic")), _tokens()
+    structure = _exact_s2ft(model, x)
+    for i, block in enumerate(structure.blocks):
+        f = block.ffn
+        assert (f.gate.path, f.up.path, f.down.path, f.channels, f.fixed_order) == (
+            f"blocks.{i}.w1", f"blocks.{i}.w3", f"blocks.{i}.w2", 80, "")
+        assert f.activation == "gelu_tanh of a thresholded gate"
+    plan = fxsparse.transform(model, "s2ft", example_inputs=x, ratios={"down": 0.25})._fxsparse_s2ft
+    assert any(getattr(p, "channels", None) is not None for p in plan.perms.values())
+
+    model = _decoder(lambda: _ThresholdedFFN("first"))
+    structure = _exact_s2ft(model, x)
+    assert all(b.ffn is None and _heads(b) == (6, 2, 8) for b in structure.blocks)
+    assert {"blocks.0.w1", "blocks.0.w2", "blocks.0.w3"} <= set(structure.unrecognized)
+
+
 def test_bitnet_sub_norm_ffn():
     """transformers' BitNet: an RMSNorm over the FFN's channels before down_proj."""
     model = _hf("BitNetConfig")
