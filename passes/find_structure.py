@@ -700,6 +700,26 @@ def _pointwise(target) -> bool:
     return overload is not None and torch.Tag.pointwise in overload.tags
 
 
+def _shared_by_heads_step(user: fx.Node, probs: fx.Node) -> bool:
+    """``user`` is an elementwise op on the attention probabilities ``probs`` (batch, heads, seq, keys) whose other
+    tensors are the same for every head (a mask broadcast over the heads axis, a number): heads still line up."""
+    elementwise = _pointwise(user.target) or user.target == aten.masked_fill.Tensor  # (a 0-D fill: untagged)
+    if user.args[0] is not probs or not elementwise or _shape(user) != _shape(probs):
+        return False
+    rank = len(_shape(probs))
+    axis = rank - 3  # the heads axis of (batch, heads, seq, keys); of (batch*heads, seq, keys): batch and heads
+    for arg in user.all_input_nodes:
+        if arg is probs:
+            continue
+        shape = _shape(arg)
+        if shape is None or len(shape) > rank:
+            return False
+        at = axis - (rank - len(shape))  # the heads axis in the operand, broadcast from the right
+        if at >= 0 and shape[at] != 1:
+            return False
+    return True
+
+
 def _written_out_site(softmax: fx.Node, names: dict[str, str]) -> _Site | str | None:
     """The attention a softmax over (batch, heads, seq, seq) scores closes, written out as
     ``matmul(q, k^T) -> elementwise (scale, mask, soft-cap) -> softmax -> matmul(., v)``.
@@ -731,7 +751,8 @@ def _written_out_site(softmax: fx.Node, names: dict[str, str]) -> _Site | str | 
         pv = next((u for u in users if u.target in _MATMUL and u.args[0] is node), None)
         if pv is not None:
             break
-        step = [u for u in users if u.target in _IDENTITIES or u.target in _RESHAPES]  # a sink's column dropped
+        step = [u for u in users if u.target in _IDENTITIES or u.target in _RESHAPES  # a sink's column dropped
+                or _shared_by_heads_step(u, node)]  # masked rows zeroed after the softmax (CPM-Ant)
         if len(step) != 1:
             break
         node = step[0]

@@ -77,6 +77,10 @@ class _FusedWrittenOut(nn.Module):
         probs = F.softmax(scores, dim=-1)
         if self.variant == "sink":
             probs = probs[..., :-1]
+        if self.variant == "zeroed":  # CPM-Ant: masked probabilities set to 0 again, one mask for every head
+            probs = torch.masked_fill(probs, (~causal).view(1, 1, t, t), torch.scalar_tensor(0.0))
+        if self.variant == "head_scaled":  # a weight per head on the probabilities
+            probs = probs * self.slopes.view(1, -1, 1, 1)
         y = (probs @ v).transpose(1, 2).contiguous().view(b, t, c)
         x = x + self.c_proj(y)
         return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
@@ -195,6 +199,18 @@ def test_fused_qkv_written_out_attention(given):
         assert a.q.index == tuple(range(48)) and a.k.index == tuple(range(48, 96))  # split(C): q | k | v
         assert (block.ffn.up.path, block.ffn.down.path, block.ffn.channels) == (
             f"blocks.{i}.c_fc", f"blocks.{i}.mlp_proj", 80)
+
+
+def test_written_out_attention_with_probabilities_masked_for_every_head():
+    """An elementwise op on the probabilities with operands shared by the heads (a mask) keeps the attention; a
+    weight per head there is no such op: that attention is left out with its reason, and S²FT stays exact."""
+    model, x = _decoder(lambda: _FusedWrittenOut(variant="zeroed")), _tokens()
+    structure = _exact_s2ft(model, x)
+    assert all(_heads(b) == (6, 6, 8) and not b.attention.fixed_order for b in structure.blocks)
+    model = _decoder(lambda: _FusedWrittenOut(variant="head_scaled"))
+    structure = _exact_s2ft(model, x)
+    assert all(b.attention is None and b.ffn is not None for b in structure.blocks)
+    assert "reach no matmul with the values" in structure.reasons["blocks.0.c_attn"]
 
 
 @pytest.mark.parametrize("given", ["tensor", "tuple"])
