@@ -319,10 +319,6 @@ class Journal:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def finish(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-
 
 def settings(args) -> dict:
     """What decides a run's results (and so whether a journal may be resumed): every option but where the
